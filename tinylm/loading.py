@@ -1,0 +1,84 @@
+"""Load a model and its tokenizer from a preset name or a local directory.
+
+One entry point for every command (train, chat, serve, eval, export): a preset gives a freshly
+initialised tinylm model with the bundled tokenizer; a directory may hold a tinylm model or any
+Hugging Face causal LM (Llama, Qwen, SmolLM, ...), loaded with its own tokenizer. Nothing is
+downloaded: paths are local (see `tinylm download`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return None
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of: auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_tokenizer_for(spec: str, tokenizer: str | None = None):
+    """Tokenizer from `tokenizer` if given, else from the model dir, else the bundled one."""
+    from transformers import AutoTokenizer
+
+    from tinylm.tokenizer import load_tokenizer
+
+    if tokenizer:
+        return load_tokenizer(tokenizer)
+    path = Path(spec)
+    if path.is_dir() and any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return AutoTokenizer.from_pretrained(str(path))
+    if path.is_dir():
+        raise FileNotFoundError(f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json); pass a tokenizer dir")
+    return load_tokenizer(None)
+
+
+def load_model(spec: str, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
+               tokenizer: str | None = None, seed: int | None = None, **config_overrides):
+    """(model, tokenizer) for a preset name or a local model directory."""
+    from transformers import AutoModelForCausalLM
+
+    import tinylm  # noqa: F401  (registers the Auto classes)
+    from tinylm.config import PRESETS, preset_config
+    from tinylm.model import TinyLMForCausalLM
+
+    torch_dtype = resolve_dtype(dtype)
+    path = Path(spec)
+    if spec in PRESETS and not path.exists():
+        tok = load_tokenizer_for(spec, tokenizer)
+        overrides = dict(vocab_size=len(tok), eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        overrides.update(config_overrides)
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = TinyLMForCausalLM(preset_config(spec, **overrides))
+        if torch_dtype is not None:
+            model = model.to(torch_dtype)
+    elif path.is_dir():
+        config_file = path / "config.json"
+        if not config_file.exists():
+            raise FileNotFoundError(f"{path}: not a model directory (no config.json)")
+        try:
+            json.loads(config_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_file}: invalid JSON ({e})") from None
+        tok = load_tokenizer_for(spec, tokenizer)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype or "auto")
+        if torch_dtype is None and model.dtype == torch.float16 and (device is None or str(device) == "cpu"):
+            model = model.float()  # fp16 matmuls are slow/unsupported on CPU
+    else:
+        raise FileNotFoundError(
+            f"model {spec!r} is neither a preset ({', '.join(PRESETS)}) nor an existing directory")
+    if device is not None:
+        model = model.to(device)
+    return model, tok
