@@ -118,12 +118,10 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, n_kv, S, D)
-        if self.n_kv != self.n_heads:  # GQA: share each K/V head across a group of query heads
-            rep = self.n_heads // self.n_kv
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        # GQA: each K/V head serves n_heads // n_kv query heads (SDPA broadcasts, no K/V copies).
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
-            dropout_p=self.dropout if self.training else 0.0,
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv != self.n_heads,
         )  # (B, heads, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
