@@ -1,0 +1,168 @@
+"""Generation throughput: tinylm's static-KV-cache decoder vs transformers' generate(), and the server.
+
+Same weights on both sides: the tinylm `small` preset (random init; speed does not depend on the
+weights) is copied into a transformers Qwen3ForCausalLM (same architecture: GQA, QK-norm, SwiGLU,
+tied embeddings); logits are checked to match before timing. Decode rates are measured as
+(tokens of N steps - tokens of 1 step) / (time of N steps - time of 1 step), so prefill is excluded
+on both sides.
+
+    python bench/generate_throughput.py                # fp32, CPU
+    python bench/generate_throughput.py --threads 1 --bf16 --quick
+
+Prints `RESULT <name> <value> <unit> ratio=<x> vs=<baseline>` lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+
+import torch
+
+
+def build_models(preset: str, dtype: torch.dtype):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from tinylm.config import preset_config
+    from tinylm.model import TinyLMForCausalLM
+    from tinylm.tokenizer import load_tokenizer
+
+    tok = load_tokenizer()
+    torch.manual_seed(0)
+    cfg = preset_config(preset, vocab_size=len(tok), eos_token_id=[2, 0])
+    ours = TinyLMForCausalLM(cfg).eval()
+    try:  # the project's exporter, when present
+        from tinylm.interop import to_transformers  # type: ignore[attr-defined]
+
+        hf = to_transformers(ours).eval()
+    except (ImportError, AttributeError):
+        hcfg = Qwen3Config(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                           intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
+                           num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
+                           head_dim=cfg.head_dim, max_position_embeddings=cfg.max_position_embeddings,
+                           rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=True,
+                           eos_token_id=2, pad_token_id=0)
+        hf = Qwen3ForCausalLM(hcfg).eval()
+        missing = hf.load_state_dict(ours.state_dict(), strict=False)
+        assert not [k for k in missing.missing_keys if k != "lm_head.weight"], missing
+    ours, hf = ours.to(dtype), hf.to(dtype)
+    x = torch.randint(10, len(tok), (1, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x).logits, hf(x).logits.float(), atol=6e-2 if dtype != torch.float32 else 1e-4,
+                                   rtol=1e-2)
+    return ours, hf, tok
+
+
+def time_ours(model, tok, batch: int, prompt_len: int, new: int) -> float:
+    from tinylm.generate import SamplingParams, generate
+
+    prompts = [[int(t) for t in torch.randint(10, 6000, (prompt_len,))] for _ in range(batch)]
+    t0 = time.perf_counter()
+    generate(model, tok, prompts, SamplingParams(max_new_tokens=new, temperature=0, ignore_eos=True), max_batch=batch)
+    return time.perf_counter() - t0
+
+
+def time_hf(model, batch: int, prompt_len: int, new: int) -> float:
+    x = torch.randint(10, 6000, (batch, prompt_len))
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                       pad_token_id=0)
+    return time.perf_counter() - t0
+
+
+def decode_rate(fn, batch: int, new: int, repeats: int) -> float:
+    """Tokens/s of decoding only: difference between an N-token and a 1-token run (best of `repeats`)."""
+    fn(batch, 1)  # warm-up
+    t1 = min(fn(batch, 1) for _ in range(repeats))
+    tn = min(fn(batch, new) for _ in range(repeats))
+    return batch * (new - 1) / max(tn - t1, 1e-9)
+
+
+def prefill_rate(ours, hf, prompt_len: int, repeats: int) -> tuple[float, float]:
+    from tinylm.kv_cache import StaticKVCache
+
+    x = torch.randint(10, 6000, (1, prompt_len))
+    best_o = best_h = float("inf")
+    with torch.inference_mode():
+        for _ in range(repeats + 1):
+            cache = StaticKVCache(ours.config, 1, prompt_len + 1, dtype=next(ours.parameters()).dtype)
+            t0 = time.perf_counter()
+            ours(x, past_key_values=cache, logits_to_keep=1)
+            best_o = min(best_o, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            hf(x, use_cache=True, logits_to_keep=1)
+            best_h = min(best_h, time.perf_counter() - t0)
+    return prompt_len / best_o, prompt_len / best_h
+
+
+def server_rate(model, tok, clients: int, new: int) -> float:
+    """Aggregate streamed tokens/s with `clients` concurrent streaming requests over loopback."""
+    import httpx
+
+    from tinylm.engine import Engine
+    from tinylm.server import BackgroundServer, create_app
+
+    body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": new,
+            "temperature": 0, "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+    counts = [0] * clients
+
+    def client(i: int) -> None:
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=300) as r:
+            for line in r.iter_lines():
+                if '"usage"' in line and '"completion_tokens"' in line:
+                    import json
+
+                    counts[i] = json.loads(line[6:])["usage"]["completion_tokens"]
+
+    with Engine(model, tok, max_batch=max(clients, 1), max_queue=clients, max_seq_len=new + 64) as engine, \
+            BackgroundServer(create_app(engine, "bench")) as srv:
+        url = srv.url
+        client(0)  # warm-up
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=600)
+        return sum(counts) / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="small")
+    p.add_argument("--bf16", action="store_true", help="also measure bf16")
+    p.add_argument("--bf16-only", action="store_true", help="only bf16")
+    p.add_argument("--quick", action="store_true", help="fewer tokens / repeats")
+    p.add_argument("--no-server", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    new, repeats = (32, 1) if args.quick else (64, 2)
+    dtypes = [("fp32", torch.float32)] + ([("bf16", torch.bfloat16)] if args.bf16 or args.bf16_only else [])
+    dtypes = dtypes[1:] if args.bf16_only else dtypes
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, preset {args.preset}")
+    for dname, dtype in dtypes:
+        ours, hf, tok = build_models(args.preset, dtype)
+        suffix = "" if dname == "fp32" else f"_{dname}"
+        for batch in (1, 4, 16):
+            o = decode_rate(lambda b, n, m=ours, t=tok: time_ours(m, t, b, 32, n), batch, new, repeats)
+            h = decode_rate(lambda b, n, m=hf: time_hf(m, b, 32, n), batch, new, repeats)
+            print(f"RESULT decode_b{batch}{suffix}_tokens_per_s {o:.1f} tok/s ratio={o / h:.2f} vs=hf_generate "
+                  f"(hf {h:.1f} tok/s)", flush=True)
+        o, h = prefill_rate(ours, hf, 512, repeats + 1)
+        print(f"RESULT prefill{suffix}_tokens_per_s {o:.0f} tok/s ratio={o / h:.2f} vs=hf_forward (hf {h:.0f} tok/s)",
+              flush=True)
+        if not args.no_server and dname == "fp32":
+            single = None
+            for clients in (1, 4, 16):
+                r = server_rate(ours, tok, clients, new)
+                single = single or r
+                print(f"RESULT server_{clients}_clients_tokens_per_s {r:.1f} tok/s ratio={r / single:.2f} "
+                      f"vs=server_1_client", flush=True)
+
+
+if __name__ == "__main__":
+    main()
