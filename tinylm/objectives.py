@@ -1,0 +1,157 @@
+"""Training objectives: what a stage optimises. The loop in train.py is the same for all of them.
+
+A stage = a kind of data + an objective. An objective is any object with these methods:
+
+    setup(model, tokenizer, cfg, device) -> None
+        Called once after the model is built (and adapters applied), before the optimizer.
+        Load extra models here (DPO reference, distillation teacher), precompute token ids, ...
+    batches(split, rank, world_size) -> iterator of dict[str, Tensor] (CPU tensors)
+        split is "train" (endless, shuffled, this rank's shard, resumable: the iterator has
+        `state_dict()` / `load_state_dict()` holding plain values) or "val" (one ordered pass).
+    loss(model, batch) -> (loss_sum: Tensor, n_items: int | Tensor, metrics: dict[str, float | Tensor])
+        loss_sum is the SUM of per-item losses of this micro-batch (items = supervised tokens for
+        LM losses, pairs for DPO, completions for GRPO ...). The loop adds loss_sum over the
+        micro-batches of one optimizer step and divides by the total n_items of that step across
+        all micro-batches and all ranks, so the gradient is exactly that of one big batch
+        (token-level normalisation; HF's `num_items_in_batch` fix, Unsloth/HF blog 2024).
+        `model` may be wrapped (DDP / torch.compile): call it, do not read attributes from it.
+        metrics: extra scalars averaged over micro-batches and logged (e.g. "aux_loss", "rewards/margins").
+    sample_ids(text) -> list[int]
+        Token ids of one `sample_prompts` entry (raw text for pretraining, chat-formatted otherwise).
+
+Plugging in a new stage (how dpo / distill / reason / grpo are added):
+  1. write the objective class in its own module (e.g. tinylm/dpo.py `class DPOObjective`),
+     usually subclassing `LMObjective` to reuse data loading and sampling;
+  2. add its name to `trainconfig.STAGES` and, if it has settings, a sub-dataclass in trainconfig.py;
+  3. add one `if stage == ...` branch to `make_objective` below (imports stay lazy).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from tinylm.trainconfig import TrainConfig
+
+
+class Objective(Protocol):
+    """The interface the training loop relies on (see the module docstring)."""
+
+    def setup(self, model: torch.nn.Module, tokenizer: Any, cfg: TrainConfig, device: torch.device) -> None: ...
+
+    def batches(self, split: str, rank: int = 0, world_size: int = 1) -> Any: ...
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any, dict]: ...
+
+    def sample_ids(self, text: str) -> list[int]: ...
+
+
+def causal_lm_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]
+                       ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """Summed next-token cross-entropy over supervised targets, for any HF causal LM.
+
+    batch: input_ids (B, T), labels (B, T) unshifted with -100 on unsupervised positions,
+    optional attention_mask (B, T). Returns (ce_sum, n_tokens, model output).
+    We compute CE from the logits ourselves so the sum/count split works for every model.
+    """
+    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
+    logits = out.logits[:, :-1]                          # (B, T-1, V): position t predicts token t+1
+    targets = batch["labels"][:, 1:]                     # (B, T-1)
+    ce_sum = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
+                             ignore_index=-100, reduction="sum")
+    return ce_sum, (targets != -100).sum(), out
+
+
+class LMObjective:
+    """Next-token prediction. Pretraining: every token is a target; SFT: only assistant tokens.
+
+    The difference between the two lives in the data (the loss mask written by `tinylm data
+    prepare` becomes -100 labels), so one objective serves both; `chat` switches data kind and
+    prompt formatting. A MoE model's balance loss (`aux_loss`, already times its coefficient,
+    a per-batch mean) is added once per supervised token, so after the loop's division it
+    contributes its token-weighted mean over the micro-batches.
+    """
+
+    data_kind = "pretrain"
+    chat = False
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.tokenizer: Any = None
+        self.device = torch.device("cpu")
+
+    def setup(self, model: torch.nn.Module, tokenizer: Any, cfg: TrainConfig, device: torch.device) -> None:
+        self.tokenizer, self.cfg, self.device = tokenizer, cfg, device
+
+    def batches(self, split: str, rank: int = 0, world_size: int = 1) -> Any:
+        return token_batches(self.cfg, self.tokenizer, self.data_kind, split, rank, world_size)
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any, dict]:
+        ce_sum, n_tokens, out = causal_lm_loss_sum(model, batch)
+        metrics: dict[str, Any] = {}
+        aux = getattr(out, "aux_loss", None)
+        if aux is not None and aux.requires_grad:
+            ce_sum = ce_sum + aux * n_tokens
+            metrics["aux_loss"] = aux.detach()
+        return ce_sum, n_tokens, metrics
+
+    def sample_ids(self, text: str) -> list[int]:
+        if self.chat:
+            from tinylm.chat_format import render_prompt
+            return list(render_prompt(self.tokenizer, [{"role": "user", "content": text}]))
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+
+class SFTObjective(LMObjective):
+    """Supervised fine-tuning on chat data: loss only on assistant tokens (mask from the data)."""
+
+    data_kind = "chat"
+    chat = True
+
+
+def token_batches(cfg: TrainConfig, tokenizer: Any, kind: str, split: str, rank: int, world_size: int) -> Any:
+    """Batches of input_ids / labels / attention_mask from `data.train` (endless, shuffled, resumable)
+    or `data.val` (one ordered pass). Raw .jsonl/.txt files are prepared once into a cache."""
+    from tinylm.dataset import BatchIterator, load_token_dataset
+
+    path = cfg.data.train if split == "train" else cfg.data.val
+    ds = load_token_dataset(path, tokenizer=tokenizer, kind=kind, seq_len=cfg.seq_len, pack=cfg.data.packing,
+                            skip_invalid=cfg.data.skip_invalid, workers=max(1, cfg.num_workers))
+    if split == "train":
+        return BatchIterator(ds, cfg.batch_size, cfg.seq_len, rank=rank, world_size=world_size, seed=cfg.seed)
+    return _one_pass(ds, cfg.batch_size, cfg.seq_len, rank, world_size)
+
+
+def _one_pass(ds: Any, batch_size: int, seq_len: int, rank: int, world_size: int) -> Any:
+    """Every row once, in order; rank r takes rows r::world_size of each global batch."""
+    from tinylm.dataset import collate
+
+    gb = batch_size * world_size
+    for start in range(0, len(ds) - world_size + 1, gb):  # every rank gets >= 1 row per batch
+        rows = list(range(start, min(start + gb, len(ds))))[rank::world_size]
+        yield collate(ds, rows, seq_len)
+
+
+def make_objective(cfg: TrainConfig) -> Objective:
+    """The objective for `cfg.stage`. Post-training stages register here with one branch each."""
+    stage = cfg.stage
+    if stage == "pretrain":
+        return LMObjective(cfg)
+    if stage == "sft":
+        return SFTObjective(cfg)
+    # Post-training stages (their modules define the classes; imports are lazy):
+    if stage == "dpo":
+        from tinylm.dpo import DPOObjective
+        return DPOObjective(cfg)
+    if stage == "distill":
+        from tinylm.distill import DistillObjective
+        return DistillObjective(cfg)
+    if stage == "reason":
+        from tinylm.reasoning import ReasonObjective
+        return ReasonObjective(cfg)
+    if stage == "grpo":
+        from tinylm.grpo import GRPOObjective
+        return GRPOObjective(cfg)
+    raise ValueError(f"stage {stage!r} has no objective (known: pretrain, sft, dpo, distill, reason, grpo)")
