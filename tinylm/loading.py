@@ -66,6 +66,9 @@ def load_model(spec: str, dtype: str | torch.dtype | None = None, device: str | 
             model = model.to(torch_dtype)
     elif path.is_dir():
         config_file = path / "config.json"
+        if not config_file.exists() and (path / "adapter_config.json").exists():  # a LoRA run's final/
+            from tinylm.lora import load_model_with_adapter
+            return load_model_with_adapter(path, dtype=torch_dtype, device=device)
         if not config_file.exists():
             raise FileNotFoundError(f"{path}: not a model directory (no config.json)")
         try:

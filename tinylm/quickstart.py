@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -27,7 +28,7 @@ def _repo_file(rel: str) -> Path:
 
 
 def run_quickstart(out: str = "runs/quickstart", pretrain_steps: int | None = None, sft_steps: int | None = None,
-                   dtype: str = "auto", fast: bool = False) -> dict:
+                   dtype: str = "auto", fast: bool = False, overwrite: bool = False) -> dict:
     from tinylm.chat import load_for_inference
     from tinylm.generate import SamplingParams, generate
     from tinylm.report import write_report
@@ -35,6 +36,10 @@ def run_quickstart(out: str = "runs/quickstart", pretrain_steps: int | None = No
     from tinylm.trainconfig import load_config
 
     out_dir = Path(out)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise ValueError(f"{out_dir} already exists; pass --overwrite to replace it or --out NEW_DIR")
+        shutil.rmtree(out_dir)
     t0 = time.time()
     pre_over = [f"out_dir={out_dir / 'pretrain'}", f"dtype={dtype}",
                 f"data.train={_repo_file('data/pretrain/train.jsonl')}",
@@ -87,7 +92,7 @@ def run_quickstart(out: str = "runs/quickstart", pretrain_steps: int | None = No
 
 
 def _cmd_quickstart(args: argparse.Namespace) -> int:
-    run_quickstart(args.out, args.pretrain_steps, args.sft_steps, args.dtype)
+    run_quickstart(args.out, args.pretrain_steps, args.sft_steps, args.dtype, overwrite=args.overwrite)
     return 0
 
 
@@ -98,4 +103,5 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pretrain-steps", type=int, default=None, help="override recipes/pretrain.yaml max_steps")
     p.add_argument("--sft-steps", type=int, default=None, help="override recipes/sft.yaml max_steps")
     p.add_argument("--dtype", default="auto", help="auto | fp32 | bf16 (auto: bf16 autocast where it is faster)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     p.set_defaults(func=_cmd_quickstart)
