@@ -86,7 +86,7 @@ def test_lora_steps_lower_loss_and_peft_agrees(smol, tmp_path) -> None:
 
 def test_tinylm_train_alpaca_lora_recipe(smol, tmp_path) -> None:
     """The recipe runs through the real training loop and leaves a PEFT adapter in final/."""
-    from tinylm.lora import load_model_with_adapter
+    from tinylm.loading import load_model_with_adapter
     from tinylm.train import train
     from tinylm.trainconfig import load_config
 

@@ -67,7 +67,6 @@ def load_model(spec: str, dtype: str | torch.dtype | None = None, device: str | 
     elif path.is_dir():
         config_file = path / "config.json"
         if not config_file.exists() and (path / "adapter_config.json").exists():  # a LoRA run's final/
-            from tinylm.lora import load_model_with_adapter
             return load_model_with_adapter(path, dtype=torch_dtype, device=device)
         if not config_file.exists():
             raise FileNotFoundError(f"{path}: not a model directory (no config.json)")
@@ -85,3 +84,21 @@ def load_model(spec: str, dtype: str | torch.dtype | None = None, device: str | 
     if device is not None:
         model = model.to(device)
     return model, tok
+
+
+def load_model_with_adapter(adapter_dir: str | Path, base: str | None = None, merge: bool = True,
+                            dtype: str | torch.dtype | None = None, device: str | torch.device | None = None):
+    """(model, tokenizer): the adapter's base model (from adapter_config.json or `base`) + the adapter."""
+    from tinylm.lora import ADAPTER_CONFIG, load_adapter, merge_lora, read_adapter_config
+
+    cfg = read_adapter_config(adapter_dir)
+    base = base or cfg.get("base_model_name_or_path") or ""
+    if not base:
+        raise ValueError(f"{adapter_dir}/{ADAPTER_CONFIG}: base_model_name_or_path is empty; pass the base model")
+    tok_dir = Path(adapter_dir)
+    has_tok = (tok_dir / "tokenizer.json").exists() or (tok_dir / "tokenizer_config.json").exists()
+    model, tokenizer = load_model(base, dtype=dtype, device=device, tokenizer=str(tok_dir) if has_tok else None)
+    load_adapter(model, adapter_dir)
+    if merge:
+        merge_lora(model)
+    return model, tokenizer

@@ -358,22 +358,4 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, quantize: str
     return model
 
 
-def load_model_with_adapter(adapter_dir: str | os.PathLike, base: str | None = None, merge: bool = True,
-                            dtype: Any = None, device: Any = None):
-    """(model, tokenizer): the adapter's base model (from adapter_config.json or `base`) + the adapter."""
-    from tinylm.loading import load_model
-
-    cfg = read_adapter_config(adapter_dir)
-    base = base or cfg.get("base_model_name_or_path") or ""
-    if not base:
-        raise ValueError(f"{adapter_dir}/{ADAPTER_CONFIG}: base_model_name_or_path is empty; pass the base model")
-    tok_dir = Path(adapter_dir)
-    has_tok = (tok_dir / "tokenizer.json").exists() or (tok_dir / "tokenizer_config.json").exists()
-    model, tokenizer = load_model(base, dtype=dtype, device=device, tokenizer=str(tok_dir) if has_tok else None)
-    load_adapter(model, adapter_dir)
-    if merge:
-        merge_lora(model)
-    return model, tokenizer
-
-
 disable_adapters = disable_lora  # name used by the DPO / GRPO reference-model code

@@ -45,6 +45,34 @@ class TinyLMOutput(ModelOutput):
     hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
+class _RMSNormFn(torch.autograd.Function):
+    """RMSNorm with a hand-written backward: saves x and the (.., 1) inverse RMS instead of the
+    full-size intermediates autograd would keep, and does ~6 elementwise passes instead of ~14
+    (measured: docs/performance.md). Same arithmetic as transformers' LlamaRMSNorm."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 math for bf16/fp16 inputs
+        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+        ctx.save_for_backward(x, weight, r)
+        return weight * (xf * r).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        x, weight, r = ctx.saved_tensors
+        xhat = x.to(r.dtype) * r
+        gf = g.to(r.dtype)
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = (gf * xhat.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            gxhat = gf * weight.to(r.dtype)  # d loss / d xhat
+            dot = (gxhat * xhat).mean(-1, keepdim=True)  # (..., 1)
+            grad_x = torch.addcmul(gxhat, xhat, dot, value=-1).mul_(r).to(x.dtype)
+        return grad_x, grad_w, None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -52,10 +80,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # weight * (x / rms(x)), computed in fp32 and cast back (as Llama / Qwen3 do).
+        return _RMSNormFn.apply(x, self.weight, self.eps)
 
 
 def rope_frequencies(config: TinyLMConfig) -> tuple[torch.Tensor, float]:
@@ -83,9 +109,38 @@ def rope_frequencies(config: TinyLMConfig) -> tuple[torch.Tensor, float]:
     return inv_freq, 0.1 * math.log(factor) + 1.0  # attention temperature (mscale)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
+    # x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1), in 4 half-width passes and no
+    # cat/neg temporaries. cos/sin repeat their two halves, so their first half suffices.
+    # sign=-1 applies the inverse rotation (the backward pass).
+    h = x.shape[-1] // 2
+    x1, x2, c, s = x[..., :h], x[..., h:], cos[..., :h], sin[..., :h]
+    out = torch.empty(torch.broadcast_shapes(x.shape, cos.shape), dtype=torch.result_type(x, cos), device=x.device)
+    o1, o2 = out[..., :h], out[..., h:]
+    torch.mul(x1, c, out=o1).addcmul_(x2, s, value=-sign)  # x1 cos - x2 sin
+    torch.mul(x2, c, out=o2).addcmul_(x1, s, value=sign)  # x2 cos + x1 sin
+    return out
+
+
+class _RoPEFn(torch.autograd.Function):
+    """Rotary embedding (Su et al. 2021) as one op: a rotation's gradient is the inverse rotation,
+    so backward is the same kernel with sin negated; nothing but cos/sin is saved."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)
+        ctx.x_dtype = x.dtype
+        return _rotate(x, cos, sin, 1.0)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        cos, sin = ctx.saved_tensors
+        return _rotate(g, cos, sin, -1.0).to(ctx.x_dtype), None, None
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, heads, T, D), cos/sin (B|1, 1, T, D) -> x rotated by position (Llama's half-split layout)."""
+    return _RoPEFn.apply(x, cos, sin)
 
 
 class Attention(nn.Module):
@@ -114,8 +169,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B|1, 1, T, D)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, n_kv, S, D)
         # GQA: each K/V head serves n_heads // n_kv query heads (SDPA broadcasts, no K/V copies).
@@ -240,6 +294,60 @@ class TinyLMModel(TinyLMPreTrainedModel):
         return self.norm(x), aux
 
 
+class _LinearCrossEntropyFn(torch.autograd.Function):
+    """sum_i CE(h_i @ W^T, y_i) over rows, in row chunks, never holding the full (N, V) logits.
+
+    The gradient is computed chunk by chunk during the forward pass (softmax - onehot is known
+    there) and scaled by the incoming scalar gradient in backward, as in Liger-Kernel's fused
+    linear cross-entropy (Hsu et al. 2024). A chunk's logits (<= ~16 MB) stay in cache and are
+    reused by the allocator, where full (B, T, V) fp32 logits cost ~70 MB per tensor for `small`.
+    Rows with label -100 contribute nothing.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int,
+                need_grad: bool) -> torch.Tensor:
+        # h (N, H), weight (V, H), labels (N,) -> scalar loss sum (fp32)
+        total = torch.zeros((), dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
+        grad_h = torch.zeros_like(h) if need_grad and ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32), device=weight.device) \
+            if need_grad and ctx.needs_input_grad[1] else None
+        for start in range(0, h.shape[0], chunk):
+            hc, yc = h[start:start + chunk], labels[start:start + chunk]
+            logits = F.linear(hc, weight)  # (c, V); autocast may run the matmul in bf16
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            valid = yc != -100
+            safe_y = yc.clamp(min=0)[:, None]
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (c, 1)
+            total += ((lse - logits.gather(1, safe_y)).squeeze(1) * valid).sum()
+            if grad_h is None and grad_w is None:
+                continue
+            probs = logits.sub_(lse).exp_()  # softmax, in place
+            probs.scatter_add_(1, safe_y, -torch.ones_like(lse))  # - onehot(y)
+            probs.mul_(valid[:, None])  # ignored rows: no gradient
+            if grad_h is not None:
+                grad_h[start:start + chunk] = F.linear(probs.to(weight.dtype), weight.t()).to(h.dtype)  # (c, H)
+            if grad_w is not None:
+                grad_w += F.linear(probs.t().to(hc.dtype), hc.t())  # (V, H)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None]:
+        grad_h, grad_w = ctx.saved_tensors
+        grad_h = grad_h * g.to(grad_h.dtype) if grad_h is not None else None
+        grad_w = (grad_w * g).to(ctx.weight_dtype) if grad_w is not None else None
+        return grad_h, grad_w, None, None, None
+
+
+def linear_cross_entropy_sum(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """h (N, H), weight (V, H), labels (N,) with -100 = ignore -> summed CE (fp32 scalar)."""
+    chunk = max(128, (1 << 22) // weight.shape[0])  # ~16 MB of fp32 logits per chunk
+    need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    return _LinearCrossEntropyFn.apply(h, weight, labels, chunk, need_grad)
+
+
 class TinyLMForCausalLM(TinyLMPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -272,14 +380,26 @@ class TinyLMForCausalLM(TinyLMPreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         num_items_in_batch: int | torch.Tensor | None = None,
         cache_rows: torch.Tensor | None = None,
+        return_logits: bool = True,
         **kwargs: object,
     ) -> TinyLMOutput:
+        """return_logits=False with labels: the loss is computed by a chunked fused lm_head +
+        cross-entropy (much less memory and time in training; see docs/performance.md) and
+        `.logits` is None. The default keeps transformers' semantics."""
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         if use_cache and past_key_values is None and labels is None:
             from transformers.cache_utils import DynamicCache
 
             past_key_values = DynamicCache(config=self.config)
         hidden, aux = self.model(input_ids, attention_mask, position_ids, past_key_values, cache_rows)
+        pkv = past_key_values if use_cache or past_key_values is not None else None
+        if labels is not None and not return_logits:
+            # Shifted next-token CE without (B, T, V) logits: position t predicts token t+1.
+            h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B*(T-1), H)
+            targets = labels[:, 1:].reshape(-1).to(h.device)
+            ce_sum = linear_cross_entropy_sum(h, self.lm_head.weight, targets)
+            denom = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum().clamp(min=1)
+            return TinyLMOutput(loss=ce_sum / denom + aux, aux_loss=aux, logits=None, past_key_values=pkv)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden).float()  # (B, T, V)
@@ -294,8 +414,7 @@ class TinyLMForCausalLM(TinyLMPreTrainedModel, GenerationMixin):
             else:
                 loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum") / num_items_in_batch
             loss = loss + aux
-        return TinyLMOutput(loss=loss, aux_loss=aux, logits=logits,
-                            past_key_values=past_key_values if use_cache or past_key_values is not None else None)
+        return TinyLMOutput(loss=loss, aux_loss=aux, logits=logits, past_key_values=pkv)
 
     # -- MoE helpers ----------------------------------------------------------------------------
     def moe_layers(self) -> list[tuple[int, MoE]]:

@@ -89,6 +89,12 @@ class LMObjective:
         return token_batches(self.cfg, self.tokenizer, self.data_kind, split, rank, world_size)
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any, dict]:
+        if _is_tinylm(model):  # fused chunked lm_head + CE, no (B, T, V) logits (docs/performance.md)
+            n_tokens = (batch["labels"][:, 1:] != -100).sum()
+            out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False,
+                        labels=batch["labels"], num_items_in_batch=n_tokens.clamp(min=1), return_logits=False)
+            fused_metrics = {"aux_loss": out.aux_loss.detach()} if out.aux_loss.requires_grad else {}
+            return out.loss * n_tokens, n_tokens, fused_metrics  # = ce_sum + aux * n_tokens
         ce_sum, n_tokens, out = causal_lm_loss_sum(model, batch)
         metrics: dict[str, Any] = {}
         aux = getattr(out, "aux_loss", None)
@@ -102,6 +108,15 @@ class LMObjective:
             from tinylm.chat_format import render_prompt
             return list(render_prompt(self.tokenizer, [{"role": "user", "content": text}]))
         return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+
+def _is_tinylm(model: torch.nn.Module) -> bool:
+    """True for a (torch.compile / DDP wrapped) TinyLMForCausalLM, whose forward has return_logits."""
+    from tinylm.model import TinyLMForCausalLM
+
+    for attr in ("_orig_mod", "module"):  # torch.compile, then DDP
+        model = getattr(model, attr, model)
+    return isinstance(model, TinyLMForCausalLM)
 
 
 class SFTObjective(LMObjective):

@@ -1,0 +1,148 @@
+"""Build the small post-training sets in data/posttrain/ (DPO, reasoning, GRPO).
+
+Why: the dpo / reason / grpo recipes must run offline in minutes, and their data must be honest
+and reproducible. Everything here is either generated (arithmetic with verifiable answers) or
+derived from tinylm's bundled chat data (data/sft/train.jsonl, built by scripts/build_data.py).
+
+    python scripts/build_posttrain_data.py      # deterministic (fixed seed), rewrites data/posttrain/
+
+Outputs:
+  reason.jsonl        chat rows whose assistant turn is <think>work</think><answer>result</answer>
+  grpo_prompts.jsonl  {"prompt", "answer"} arithmetic prompts for GRPO training
+  grpo_eval.jsonl     held-out {"prompt", "answer"}: no (operation, numbers) triple of it appears above
+  dpo.jsonl           {"prompt", "chosen", "rejected"}: correct vs wrong arithmetic, and bundled chat
+                      answers vs an off-topic answer (another question's) or a truncated one
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEED = 2024
+
+# (question template, thought template); {a} {b} numbers, {r} result, {s} operator symbol.
+TEMPLATES = {
+    "+": [("What is {a} + {b}?", "{a} + {b} = {r}."),
+          ("Compute {a} plus {b}.", "{a} + {b} = {r}."),
+          ("Tom has {a} apples and buys {b} more. How many apples does he have now?",
+           "He starts with {a} and adds {b}: {a} + {b} = {r}."),
+          ("计算 {a} + {b} 等于多少？", "{a} + {b} = {r}。")],
+    "-": [("What is {a} - {b}?", "{a} - {b} = {r}."),
+          ("Compute {a} minus {b}.", "{a} - {b} = {r}."),
+          ("Anna has {a} coins and spends {b}. How many coins are left?",
+           "She had {a} and spent {b}: {a} - {b} = {r}."),
+          ("计算 {a} - {b} 等于多少？", "{a} - {b} = {r}。")],
+    "*": [("What is {a} * {b}?", "{a} * {b} = {r}."),
+          ("Compute {a} times {b}.", "{a} * {b} = {r}."),
+          ("There are {a} boxes with {b} pens each. How many pens are there?",
+           "{a} boxes of {b}: {a} * {b} = {r}."),
+          ("计算 {a} × {b} 等于多少？", "{a} × {b} = {r}。")],
+}
+MAX_N = {"+": 20, "-": 20, "*": 9}  # operands in 0..MAX_N (subtraction keeps a >= b)
+
+
+def result(op: str, a: int, b: int) -> int:
+    return a + b if op == "+" else a - b if op == "-" else a * b
+
+
+def think_answer(reasoning: str, answer: str) -> str:
+    # same layout as tinylm.reasoning.format_reasoning (kept local so the script runs without the package)
+    return f"<think>\n{reasoning}\n</think>\n<answer>\n{answer}\n</answer>"
+
+
+def problem(op: str, a: int, b: int, t: int) -> tuple[str, str, int]:
+    q, th = TEMPLATES[op][t]
+    r = result(op, a, b)
+    s = "×" if "×" in q else op
+    return q.format(a=a, b=b), th.format(a=a, b=b, r=r, s=s), r
+
+
+def arithmetic_sets(rng: random.Random, n_eval: int) -> tuple[list, list, list, list]:
+    triples = [(op, a, b) for op in "+-*" for a in range(MAX_N[op] + 1) for b in range(MAX_N[op] + 1)
+               if op != "-" or a >= b]
+    rng.shuffle(triples)
+    held, train = triples[:n_eval], triples[n_eval:]
+    reason, grpo, dpo = [], [], []
+    for op, a, b in train:
+        t1, t2 = rng.sample(range(len(TEMPLATES[op])), 2)
+        q, th, r = problem(op, a, b, t1)
+        reason.append({"messages": [{"role": "user", "content": q},
+                                    {"role": "assistant", "content": think_answer(th, str(r))}]})
+        q2, th2, _ = problem(op, a, b, t2)
+        grpo.append({"prompt": q2, "answer": str(r)})
+        wrong = r + rng.choice([-2, -1, 1, 2, 10])
+        dpo.append({"prompt": q2, "chosen": think_answer(th2, str(r)),
+                    "rejected": think_answer(th2.replace(f"= {r}", f"= {wrong}"), str(wrong))})
+    evals = []
+    for op, a, b in held:
+        q, _, r = problem(op, a, b, rng.randrange(len(TEMPLATES[op])))
+        evals.append({"prompt": q, "answer": str(r)})
+    return reason, grpo, evals, dpo
+
+
+def chat_pairs(sft_path: str, n: int, rng: random.Random) -> list[dict]:
+    """Single-turn Q/A from the bundled SFT data -> (good answer, off-topic or truncated answer)."""
+    qa, seen = [], set()
+    with open(sft_path, encoding="utf-8") as f:
+        for line in f:
+            msgs = [m for m in json.loads(line)["messages"] if m["role"] != "system"]
+            if len(msgs) < 2 or msgs[0]["role"] != "user" or msgs[1]["role"] != "assistant":
+                continue
+            q, a = msgs[0]["content"].strip(), msgs[1]["content"].strip()
+            if q and a and len(q) + len(a) <= 400 and (q, a) not in seen:  # short pairs fit seq_len 128
+                seen.add((q, a))
+                qa.append((q, a))
+    qa.sort()
+    rng.shuffle(qa)
+    out = []
+    for i, (q, a) in enumerate(qa[:n]):
+        words = a.split()
+        if i % 2 == 0 and len(words) >= 8:  # truncated: stops mid-sentence
+            bad = " ".join(words[: len(words) // 3])
+        else:  # off-topic: the answer to another question
+            bad = qa[(i + 1 + rng.randrange(len(qa) - 1)) % len(qa)][1]
+        if bad and bad != a:
+            out.append({"prompt": q, "chosen": a, "rejected": bad})
+    return out
+
+
+def write_jsonl(path: str, rows: list[dict]) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=os.path.join(ROOT, "data", "posttrain"))
+    ap.add_argument("--sft", default=os.path.join(ROOT, "data", "sft", "train.jsonl"),
+                    help="bundled chat data for the chat preference pairs")
+    ap.add_argument("--eval", type=int, default=120, help="held-out arithmetic problems")
+    ap.add_argument("--chat-pairs", type=int, default=600)
+    args = ap.parse_args()
+    rng = random.Random(SEED)
+    reason, grpo, evals, dpo = arithmetic_sets(rng, args.eval)
+    if os.path.exists(args.sft):
+        chat = chat_pairs(args.sft, args.chat_pairs, rng)
+    else:
+        print(f"note: {args.sft} not found (run scripts/build_data.py); dpo.jsonl has arithmetic pairs only")
+        chat = []
+    dpo = dpo[:300] + chat
+    rng.shuffle(dpo)
+    write_jsonl(os.path.join(args.out, "reason.jsonl"), reason)
+    write_jsonl(os.path.join(args.out, "grpo_prompts.jsonl"), grpo)
+    write_jsonl(os.path.join(args.out, "grpo_eval.jsonl"), evals)
+    write_jsonl(os.path.join(args.out, "dpo.jsonl"), dpo)
+    print(f"reason {len(reason)}, grpo_prompts {len(grpo)}, grpo_eval {len(evals)}, "
+          f"dpo {len(dpo)} ({len(chat)} from chat)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,400 @@
+"""Group Relative Policy Optimization (Shao et al. 2024, DeepSeekMath; used for DeepSeek-R1).
+
+PPO without a value network: for each prompt sample a group of G completions, score them with
+rule-based rewards, and use the reward relative to the group as the advantage of every token:
+
+    A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4)     (std scaling optional: scale_rewards)
+
+The policy loss per completion token is PPO's clipped surrogate plus an optional k3 KL estimate
+to a frozen reference (Schulman 2020, "Approximating KL divergence"):
+
+    ratio = exp(logp - logp_old)
+    l_t   = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps_high) * A) + beta * (exp(ref - logp) - (ref - logp) - 1)
+
+Token losses are aggregated like TRL's `loss_type`:
+    "grpo": mean over each completion's tokens, then mean over completions (the paper's 1/|o_i|)
+    "bnpo": mean over all completion tokens of the micro-batch
+    "dapo": sum over all tokens / all completion tokens of the optimizer step (DAPO, Yu et al. 2025)
+Default here is "dapo", as in TRL >= 0.20: long completions are not under-weighted.
+Under tinylm's trainer (loss_sum / n_items summed over micro-batches) "dapo" is exactly the
+step-level token mean; "bnpo" and "dapo" coincide with one micro-batch per step.
+
+With one policy update per generation batch (num_iterations = 1, our setting) logp_old is
+logp.detach(): the ratio is 1 but its gradient is the policy gradient A * grad logp.
+"""
+
+from __future__ import annotations
+
+import torch
+
+LOSS_TYPES = ("grpo", "bnpo", "dapo")
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str = "group") -> torch.Tensor:
+    """rewards (N*G,) with the G completions of one prompt adjacent -> advantages (N*G,).
+
+    scale_rewards: "group" divides by the group's std, "batch" by the whole batch's std, "none"
+    only subtracts the group mean (Dr. GRPO, Liu et al. 2025). std is unbiased (Bessel), as in TRL.
+    """
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards is not a multiple of group size {group_size}")
+    grouped = rewards.view(-1, group_size)                                # (N, G)
+    adv = (grouped - grouped.mean(dim=1, keepdim=True)).view(-1)          # (N*G,)
+    if scale_rewards == "group":
+        std = grouped.std(dim=1).repeat_interleave(group_size) if group_size > 1 else torch.zeros_like(rewards)
+    elif scale_rewards == "batch":
+        std = rewards.std().expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)
+    elif scale_rewards == "none":
+        return adv
+    else:
+        raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale_rewards!r}")
+    return adv / (std + 1e-4)
+
+
+def grpo_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    ref_logps: torch.Tensor | None = None,
+    beta: float = 0.0,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    loss_type: str = "dapo",
+) -> tuple[torch.Tensor, int, dict[str, float]]:
+    """Clipped GRPO loss on completion tokens.
+
+    logps, old_logps, ref_logps (B, T) per-token log-probs of the sampled completion tokens;
+    advantages (B,); mask (B, T) 1 on real completion tokens. Returns (loss_sum, n_items,
+    metrics): loss_sum / n_items is TRL's loss for this batch. n_items is the number of
+    completions for "grpo" and the number of tokens for "bnpo"/"dapo".
+    """
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    mask = mask.to(logps.dtype)
+    adv = advantages.unsqueeze(1)                                   # (B, 1)
+    ratio = torch.exp(logps - old_logps)                            # (B, T)
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + eps_high)
+    per_token = -torch.min(ratio * adv, clipped * adv)              # (B, T)
+    metrics: dict[str, float] = {}
+    if beta != 0.0:
+        if ref_logps is None:
+            raise ValueError("beta != 0 needs ref_logps")
+        delta = ref_logps - logps
+        kl = torch.exp(delta) - delta - 1                           # k3 estimator, >= 0
+        per_token = per_token + beta * kl
+        metrics["kl"] = ((kl * mask).sum() / mask.sum().clamp(min=1)).item()
+    ntok = mask.sum().clamp(min=1)
+    is_clipped = ((ratio < 1 - epsilon) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
+    metrics["clip_ratio"] = ((is_clipped * mask).sum() / ntok).item()
+    if loss_type == "grpo":
+        per_seq = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # (B,)
+        return per_seq.sum(), logps.size(0), metrics
+    if loss_type in ("bnpo", "dapo"):
+        return (per_token * mask).sum(), int(mask.sum().item()), metrics
+    raise ValueError(f"unknown GRPO loss_type {loss_type!r}; choose one of {LOSS_TYPES}")
+
+
+# -- rollouts ---------------------------------------------------------------------------------
+
+@torch.no_grad()
+def sample(
+    model,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    eos_ids: tuple[int, ...] = (2, 0),
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """Sample one completion per prompt (repeat a prompt G times for a group).
+
+    tinylm models decode with the preallocated StaticKVCache (rows of different prompt lengths,
+    no padding of the prompt); other Hugging Face models use their own `generate`. temperature 0
+    is greedy. Each completion ends with its eos token (kept) or stops at max_new_tokens.
+    """
+    from tinylm.kv_cache import StaticKVCache
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        if getattr(model.config, "model_type", "") != "tinylm":
+            return _hf_sample(model, prompts, max_new_tokens, temperature, eos_ids)
+        b = len(prompts)
+        lens = torch.tensor([len(p) for p in prompts], device=device)
+        t_max = int(lens.max())
+        ids = torch.zeros(b, t_max, dtype=torch.long, device=device)
+        for i, p in enumerate(prompts):
+            ids[i, : len(p)] = torch.tensor(p, device=device)
+        attn = (torch.arange(t_max, device=device)[None] < lens[:, None]).long()  # right padding
+        dtype = next(model.parameters()).dtype
+        cache = StaticKVCache(model.config, b, t_max + max_new_tokens, device=device, dtype=dtype)
+        logits = model(ids, attention_mask=attn, past_key_values=cache, use_cache=True).logits
+        last = logits[torch.arange(b, device=device), lens - 1]            # (B, V)
+        eos = torch.tensor(eos_ids, device=device)
+        out = torch.zeros(b, max_new_tokens, dtype=torch.long, device=device)
+        alive = torch.ones(b, dtype=torch.bool, device=device)
+        n = 0
+        for n in range(max_new_tokens):
+            if temperature <= 0:
+                tok = last.argmax(-1)
+            else:
+                probs = torch.softmax(last.float() / temperature, dim=-1)
+                tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+            out[:, n] = torch.where(alive, tok, 0)
+            alive_before = alive
+            alive = alive & ~torch.isin(tok, eos)
+            if not alive.any():
+                break
+            logits = model(tok[:, None], attention_mask=alive_before[:, None].long(), past_key_values=cache,
+                           use_cache=True).logits
+            last = logits[:, -1]
+        res = []
+        for i in range(b):
+            row = out[i, : n + 1].tolist()
+            for j, t in enumerate(row):
+                if t in eos_ids:
+                    row = row[: j + 1]
+                    break
+            res.append(row)
+        return res
+    finally:
+        model.train(was_training)
+
+
+def _hf_sample(model, prompts: list[list[int]], max_new_tokens: int, temperature: float,
+               eos_ids: tuple[int, ...]) -> list[list[int]]:
+    """Left-padded `model.generate` for non-tinylm causal LMs."""
+    device = next(model.parameters()).device
+    t_max = max(len(p) for p in prompts)
+    pad = eos_ids[-1]
+    ids = torch.tensor([[pad] * (t_max - len(p)) + p for p in prompts], device=device)
+    attn = torch.tensor([[0] * (t_max - len(p)) + [1] * len(p) for p in prompts], device=device)
+    kw = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+    gen = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens,
+                         eos_token_id=list(eos_ids), pad_token_id=pad, **kw)[:, t_max:]
+    res = []
+    for row in gen.tolist():
+        for j, t in enumerate(row):
+            if t in eos_ids:
+                row = row[: j + 1]
+                break
+        res.append(row)
+    return res
+
+
+def completion_logps(logits_fn, prompt_ids: list[list[int]], completions: list[list[int]],
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs of each completion given its prompt (one forward over prompt+completion).
+
+    logits_fn(input_ids, attention_mask) -> logits (B, T, V), e.g. the policy or a ReferenceModel.
+    Returns (logps (B, C), mask (B, C)) with C = the longest completion; rows are right-padded.
+    """
+    seqs = [p + c for p, c in zip(prompt_ids, completions)]
+    t_max = max(len(s) for s in seqs)
+    c_max = max(max(len(c) for c in completions), 1)
+    b = len(seqs)
+    ids = torch.zeros(b, t_max, dtype=torch.long, device=device)
+    attn = torch.zeros(b, t_max, dtype=torch.long, device=device)
+    tgt_pos = torch.zeros(b, c_max, dtype=torch.long, device=device)   # position of each completion token
+    mask = torch.zeros(b, c_max, device=device)
+    for i, (p, c) in enumerate(zip(prompt_ids, completions)):
+        ids[i, : len(p) + len(c)] = torch.tensor(p + c, device=device)
+        attn[i, : len(p) + len(c)] = 1
+        tgt_pos[i, : len(c)] = torch.arange(len(p), len(p) + len(c), device=device)
+        mask[i, : len(c)] = 1
+    logits = logits_fn(ids, attn)                                        # (B, T, V)
+    pred = logits.gather(1, (tgt_pos - 1).clamp(min=0)[:, :, None].expand(-1, -1, logits.size(-1)))  # (B, C, V)
+    logp = torch.log_softmax(pred.float(), dim=-1)
+    tok = ids.gather(1, tgt_pos)                                         # (B, C)
+    return logp.gather(2, tok[:, :, None]).squeeze(-1) * mask, mask
+
+
+# -- data and objective -----------------------------------------------------------------------------
+
+def load_prompts(path: str) -> list[dict]:
+    """Prompt rows {"prompt": str | [messages], ...extra columns for the rewards}; errors name file:line."""
+    import json
+
+    rows = []
+    try:
+        f = open(path, encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such prompt file") from None
+    with f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: invalid JSON: {e.msg}") from None
+            p = row.get("prompt") if isinstance(row, dict) else None
+            ok = (isinstance(p, str) and p.strip()) or (
+                isinstance(p, list) and p and all(isinstance(m, dict) and "role" in m and "content" in m for m in p))
+            if not ok:
+                raise ValueError(f"{path}:{n}: field 'prompt': must be a non-empty string or a list of "
+                                 "{role, content} messages")
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no prompt rows")
+    return rows
+
+
+def prompt_messages(row: dict) -> list[dict]:
+    p = row["prompt"]
+    return [{"role": "user", "content": p}] if isinstance(p, str) else p
+
+
+def prompt_text(row: dict) -> str:
+    p = row["prompt"]
+    return p if isinstance(p, str) else p[-1]["content"]
+
+
+def eos_ids_of(model, tokenizer) -> tuple[int, ...]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = eos if eos is not None else tokenizer.eos_token_id
+    return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+
+
+def score(rows: list[dict], completions: list[str], reward_fns: list, group_size: int) -> torch.Tensor:
+    """(N*G, n_funcs) rewards; row i's extra columns are repeated for its G completions."""
+    prompts = [prompt_text(r) for r in rows for _ in range(group_size)]
+    extra_keys = sorted({k for r in rows for k in r if k != "prompt"})
+    kw = {k: [r.get(k) for r in rows for _ in range(group_size)] for k in extra_keys}
+    cols = []
+    for fn in reward_fns:
+        vals = fn(prompts, completions, **kw)
+        if len(vals) != len(completions):
+            raise ValueError(f"reward {getattr(fn, '__name__', fn)} returned {len(vals)} values for "
+                             f"{len(completions)} completions")
+        cols.append(torch.tensor([float(v) for v in vals]))
+    return torch.stack(cols, dim=1)
+
+
+def rollout(model, tokenizer, rows: list[dict], group_size: int, max_new_tokens: int, temperature: float,
+            generator: torch.Generator | None = None) -> tuple[list[list[int]], list[list[int]], list[str]]:
+    """Sample G completions per row -> (prompt ids, completion ids, completion texts), N*G each."""
+    from tinylm.chat_format import render_prompt
+
+    eos = eos_ids_of(model, tokenizer)
+    prompt_ids = [render_prompt(tokenizer, prompt_messages(r)) for r in rows for _ in range(group_size)]
+    comps = sample(model, prompt_ids, max_new_tokens, temperature, eos, generator)
+    texts = [tokenizer.decode([t for t in c if t not in eos], skip_special_tokens=False) for c in comps]
+    return prompt_ids, comps, texts
+
+
+@torch.no_grad()
+def evaluate_rewards(model, tokenizer, rows: list[dict], reward_fns: list, samples: int = 4,
+                     max_new_tokens: int = 64, temperature: float = 1.0, batch_prompts: int = 16,
+                     seed: int = 0) -> dict[str, float]:
+    """Mean reward on (held-out) prompts: `samples` sampled completions each (temperature 0 = greedy)."""
+    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    all_r = []
+    for i in range(0, len(rows), batch_prompts):
+        chunk = rows[i:i + batch_prompts]
+        _, _, texts = rollout(model, tokenizer, chunk, samples, max_new_tokens, temperature, g)
+        all_r.append(score(chunk, texts, reward_fns, samples))
+    r = torch.cat(all_r)  # (N*S, F)
+    out = {"reward": r.sum(1).mean().item()}
+    for j, fn in enumerate(reward_fns):
+        out[f"rewards/{getattr(fn, '__name__', j)}"] = r[:, j].mean().item()
+    return out
+
+
+class GRPOObjective:
+    """Stage `grpo`: each micro-batch takes batch_size // group_size prompts from `data.train`, samples
+    grpo.group_size completions for each, scores them and returns the clipped policy loss.
+    `batch_size` counts completions, as TRL's per_device_train_batch_size."""
+
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+
+    def setup(self, model, tokenizer, cfg, device) -> None:
+        from tinylm.dpo import ReferenceModel
+        from tinylm.rewards import resolve_reward
+
+        g = cfg.grpo
+        if g.group_size < 2:
+            raise ValueError(f"config: grpo.group_size must be >= 2 (advantages are relative to the group), "
+                             f"got {g.group_size}")
+        if cfg.batch_size % g.group_size:
+            raise ValueError(f"config: batch_size ({cfg.batch_size} completions per micro-batch) must be a "
+                             f"multiple of grpo.group_size ({g.group_size})")
+        if g.loss_type not in LOSS_TYPES:
+            raise ValueError(f"config: grpo.loss_type={g.loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
+        if g.scale_rewards not in ("group", "batch", "none"):
+            raise ValueError(f"config: grpo.scale_rewards={g.scale_rewards!r} is not one of group, batch, none")
+        self.cfg, self.tokenizer, self.device = cfg, tokenizer, device
+        self.policy = model  # unwrapped: sampling reads model.config; the loss calls the (maybe wrapped) model
+        self.reward_fns = [resolve_reward(s.strip()) for s in g.reward.split(",") if s.strip()]
+        if not self.reward_fns:
+            raise ValueError("config: grpo.reward is empty (e.g. 'format,accuracy')")
+        self.ref = ReferenceModel(model, cfg, device, path=g.ref_model) if g.beta else None
+        self.sample_gen = torch.Generator(device=device).manual_seed(cfg.seed)
+
+    def batches(self, split: str, rank: int = 0, world_size: int = 1):
+        from tinylm.dpo import RowIterator
+
+        if split != "train":
+            return iter(())  # held-out rewards: `python -m tinylm.grpo MODEL data/posttrain/grpo_eval.jsonl`
+        rows = load_prompts(self.cfg.data.train)
+        n = self.cfg.batch_size // self.cfg.grpo.group_size
+        return RowIterator(rows, n, lambda r: {"rows": r, "n_tokens": 0}, rank, world_size, self.cfg.seed)
+
+    def sample_ids(self, text: str) -> list[int]:
+        from tinylm.chat_format import render_prompt
+
+        return list(render_prompt(self.tokenizer, [{"role": "user", "content": text}]))
+
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, int, dict[str, float]]:
+        g = self.cfg.grpo
+        rows = batch["rows"]
+        prompt_ids, comps, texts = rollout(self.policy, self.tokenizer, rows, g.group_size, g.max_new_tokens,
+                                           g.temperature, self.sample_gen)
+        r = score(rows, texts, self.reward_fns, g.group_size)          # (N*G, F)
+        rewards = r.sum(1)                                               # (N*G,)
+        adv = group_advantages(rewards, g.group_size, g.scale_rewards).to(self.device)
+        policy = lambda ids, attn: model(input_ids=ids, attention_mask=attn, use_cache=False).logits  # noqa: E731
+        logps, mask = completion_logps(policy, prompt_ids, comps, self.device)
+        ref_logps = completion_logps(self.ref, prompt_ids, comps, self.device)[0] if self.ref else None
+        loss_sum, n, metrics = grpo_loss(logps, logps.detach(), adv, mask, ref_logps, g.beta, g.epsilon,
+                                         g.epsilon_high or None, g.loss_type)
+        std = rewards.view(-1, g.group_size).std(1)
+        metrics.update({
+            "reward": rewards.mean().item(),
+            "reward_std": std.mean().item(),
+            "frac_reward_zero_std": (std < 1e-6).float().mean().item(),
+            "completion_len": mask.sum(1).mean().item(),
+        })
+        for j, fn in enumerate(self.reward_fns):
+            metrics[f"rewards/{getattr(fn, '__name__', j)}"] = r[:, j].mean().item()
+        return loss_sum, n, metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m tinylm.grpo MODEL PROMPTS.jsonl`: mean rewards of a model on (held-out) prompts."""
+    import argparse
+
+    from tinylm.loading import load_model
+    from tinylm.rewards import resolve_reward
+
+    ap = argparse.ArgumentParser(prog="python -m tinylm.grpo", description=main.__doc__)
+    ap.add_argument("model")
+    ap.add_argument("prompts")
+    ap.add_argument("--reward", default="format,accuracy")
+    ap.add_argument("--samples", type=int, default=4)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    torch.manual_seed(args.seed)
+    model, tok = load_model(args.model)
+    fns = [resolve_reward(s.strip()) for s in args.reward.split(",")]
+    res = evaluate_rewards(model, tok, load_prompts(args.prompts), fns, args.samples, args.max_new_tokens,
+                           args.temperature, seed=args.seed)
+    print(" ".join(f"{k}={v:.4f}" for k, v in res.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

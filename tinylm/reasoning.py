@@ -1,0 +1,127 @@
+"""Reasoning ("think, then answer") chat format and its tag-weighted SFT loss.
+
+A reasoning model answers in two parts, as DeepSeek-R1 (2025) made popular:
+
+    <think>
+    ...chain of thought...
+    </think>
+    <answer>
+    ...final answer...
+    </answer>
+
+The four tags are single special tokens of the bundled tokenizer (ids 3..6), so a model learns
+the structure quickly if the tag positions matter more in the loss. MiniMind's reasoning
+distillation multiplies the loss on those tokens by 10; `tag_weighted_loss` does the same with a
+configurable weight (`tag_weight`, 10 by default, 1 = plain SFT).
+
+At inference the user may want to see the thinking or only the answer: `split_thinking` parses a
+completion into `(reasoning, answer)` and tolerates a missing or unfinished block, so a chat UI
+can hide or fold the reasoning. `is_well_formed` is the strict check used by tests and by the
+GRPO format reward.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+
+from tinylm.objectives import SFTObjective
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+TAGS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
+
+# Exactly one think block followed by exactly one answer block (whitespace around them allowed).
+_WELL_FORMED = re.compile(
+    r"^\s*<think>(?P<think>(?:(?!<think>|</think>|<answer>|</answer>).)*)</think>\s*"
+    r"<answer>(?P<answer>(?:(?!<think>|</think>|<answer>|</answer>).)*)</answer>\s*$",
+    re.DOTALL,
+)
+
+
+def format_reasoning(reasoning: str, answer: str) -> str:
+    """The assistant text for one reasoning turn (the format of data/posttrain/reason.jsonl)."""
+    return f"{THINK_OPEN}\n{reasoning.strip()}\n{THINK_CLOSE}\n{ANSWER_OPEN}\n{answer.strip()}\n{ANSWER_CLOSE}"
+
+
+def is_well_formed(text: str) -> bool:
+    """True when `text` is exactly one <think>...</think> then one <answer>...</answer>, both non-empty."""
+    m = _WELL_FORMED.match(text)
+    return bool(m and m.group("think").strip() and m.group("answer").strip())
+
+
+def split_thinking(text: str) -> tuple[str, str]:
+    """Split a completion into (reasoning, answer), both stripped.
+
+    - `<think>R</think><answer>A</answer>` -> (R, A)
+    - `<think>R</think> A` (no answer tags)  -> (R, A)
+    - `<think>R` (generation stopped while thinking) -> (R, "")
+    - text without any tag -> ("", text)
+    The inference helper shows `answer` only, or both when the user asks to see the thinking.
+    """
+    reasoning, rest = "", text
+    if THINK_CLOSE in text:  # also covers prompts that already opened <think> (Qwen3 style)
+        head, _, rest = text.partition(THINK_CLOSE)
+        reasoning = head.split(THINK_OPEN, 1)[-1]
+    elif THINK_OPEN in text:  # generation stopped while thinking
+        before, _, after = text.partition(THINK_OPEN)
+        return after.strip(), before.strip()
+    if ANSWER_OPEN in rest:
+        rest = rest.split(ANSWER_OPEN, 1)[1]
+        rest = rest.split(ANSWER_CLOSE, 1)[0]
+    else:
+        rest = rest.replace(ANSWER_CLOSE, "")
+    return reasoning.strip(), rest.strip()
+
+
+def tag_token_ids(tokenizer) -> list[int]:
+    """Ids of the four reasoning tags; each must be ONE token (a special token) of `tokenizer`."""
+    ids = []
+    for tag in TAGS:
+        enc = tokenizer.encode(tag, add_special_tokens=False)
+        if len(enc) != 1:
+            raise ValueError(
+                f"reasoning tag {tag!r} is {len(enc)} tokens for this tokenizer; it must be a single special "
+                "token (the bundled tokenizer has it; for another tokenizer add it with add_special_tokens)")
+        ids.append(enc[0])
+    return ids
+
+
+def tag_weighted_loss(
+    logits: torch.Tensor, labels: torch.Tensor, tag_ids: list[int] | torch.Tensor, tag_weight: float = 10.0,
+) -> tuple[torch.Tensor, int]:
+    """Next-token CE where targets that are reasoning tags count `tag_weight` times.
+
+    logits (B, T, V), labels (B, T) with -100 for unsupervised positions (unshifted, HF convention).
+    Returns (loss_sum, n_tokens): the weighted sum over supervised targets and their count, so
+    loss_sum / n_tokens equals plain mean CE when tag_weight == 1.
+    """
+    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))  # (B, T-1, V)
+    targets = labels[:, 1:]                               # (B, T-1)
+    valid = targets != -100
+    ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                         ignore_index=-100, reduction="none").view_as(targets)  # (B, T-1)
+    tag_ids = torch.as_tensor(tag_ids, device=targets.device)
+    w = torch.where(torch.isin(targets, tag_ids), float(tag_weight), 1.0) * valid  # (B, T-1)
+    return (ce * w).sum(), int(valid.sum())
+
+
+class ReasonObjective(SFTObjective):
+    """Stage `reason`: SFT on think/answer chats with the tag tokens weighted `reason.tag_weight` times."""
+
+    def setup(self, model, tokenizer, cfg, device) -> None:
+        super().setup(model, tokenizer, cfg, device)
+        self.tag_weight = float(cfg.reason.tag_weight)
+        if self.tag_weight < 0:
+            raise ValueError(f"config: reason.tag_weight must be >= 0, got {self.tag_weight}")
+        self.tag_ids = tag_token_ids(tokenizer)
+
+    def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, dict[str, float]]:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
+        loss_sum, n = tag_weighted_loss(out.logits, batch["labels"], self.tag_ids, self.tag_weight)
+        aux = getattr(out, "aux_loss", None)
+        if aux is not None and aux.requires_grad:
+            loss_sum = loss_sum + aux * n
+        return loss_sum, n, {}

@@ -1,0 +1,89 @@
+"""Reward functions for GRPO: plain Python callables, TRL-style.
+
+A reward function has the signature
+
+    f(prompts: list[str], completions: list[str], **kw) -> list[float]
+
+where `kw` holds the other columns of the prompt rows (e.g. `answer=[...]`), one value per
+completion. GRPO sums the rewards of all functions given (optionally weighted). Writing your own
+is the intended extension point: no registry, just pass the function (or its dotted path
+"mypkg.mymod:my_reward" in a recipe).
+
+Built-ins (DeepSeek-R1 style rule-based rewards, Shao et al. 2024 / DeepSeek-AI 2025):
+- `format_reward`: 1.0 when the completion is exactly <think>..</think><answer>..</answer>.
+- `accuracy_reward`: 1.0 when the number inside <answer> equals the row's verifiable `answer`.
+- `tag_count_reward`: a shaped 0..1 score (0.25 per tag present exactly once) that gives a
+  signal before the model produces the full structure.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Callable
+
+from tinylm.reasoning import TAGS, is_well_formed, split_thinking
+
+RewardFn = Callable[..., list[float]]
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def extract_answer(completion: str) -> str | None:
+    """The last number in the answer part of `completion` (None when there is none)."""
+    _, answer = split_thinking(completion)
+    nums = _NUMBER.findall(answer.replace(",", ""))
+    return nums[-1] if nums else None
+
+
+def _same_number(a: str, b: str) -> bool:
+    try:
+        return abs(float(a) - float(b)) < 1e-6
+    except ValueError:
+        return a.strip() == b.strip()
+
+
+def format_reward(prompts: list[str], completions: list[str], **kw) -> list[float]:
+    """1.0 for a well-formed <think>...</think><answer>...</answer> completion, else 0.0."""
+    return [1.0 if is_well_formed(c) else 0.0 for c in completions]
+
+
+def tag_count_reward(prompts: list[str], completions: list[str], **kw) -> list[float]:
+    """0.25 for each of the four tags that occurs exactly once (shaped format signal)."""
+    return [sum(0.25 for t in TAGS if c.count(t) == 1) for c in completions]
+
+
+def accuracy_reward(prompts: list[str], completions: list[str], answer: list | None = None, **kw) -> list[float]:
+    """1.0 when the final number in the answer equals the row's `answer` column, else 0.0."""
+    if answer is None:
+        raise ValueError("accuracy_reward needs an 'answer' column in the prompt rows")
+    out = []
+    for c, gold in zip(completions, answer):
+        got = extract_answer(c)
+        out.append(1.0 if got is not None and _same_number(got, str(gold)) else 0.0)
+    return out
+
+
+BUILTIN_REWARDS: dict[str, RewardFn] = {
+    "format": format_reward,
+    "tag_count": tag_count_reward,
+    "accuracy": accuracy_reward,
+}
+
+
+def resolve_reward(spec: str | RewardFn) -> RewardFn:
+    """A built-in name ("format", "accuracy", "tag_count"), a "module:function" path, or a callable."""
+    if callable(spec):
+        return spec
+    if spec in BUILTIN_REWARDS:
+        return BUILTIN_REWARDS[spec]
+    if ":" in spec:
+        mod, _, name = spec.partition(":")
+        try:
+            fn = getattr(importlib.import_module(mod), name)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"reward function {spec!r} not found: {e}") from None
+        if not callable(fn):
+            raise ValueError(f"reward {spec!r} is not callable")
+        return fn
+    raise ValueError(f"unknown reward {spec!r}; built-ins: {sorted(BUILTIN_REWARDS)} or 'module:function'")
