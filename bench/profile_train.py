@@ -8,6 +8,7 @@ by the kernel; the fused chunked lm_head + cross-entropy removes almost all of t
     python bench/profile_train.py                 # fp32
     python bench/profile_train.py --dtype bf16    # CPU autocast
     python bench/profile_train.py --logits-ce     # the unfused path (full (B, T, V) logits) for comparison
+    python bench/profile_train.py --default-malloc  # without `tinylm train`'s glibc malloc tuning
 
 Ends with `RESULT profile_step_s <v> s ratio=<mm share> vs=aten::mm` (share of self CPU time in matmuls).
 """
@@ -30,7 +31,12 @@ def main() -> None:
     from tinylm.dataset import BatchIterator, load_token_dataset
     from tinylm.model import TinyLMForCausalLM
     from tinylm.objectives import LMObjective, causal_lm_loss_sum
-    from tinylm.train import accumulate_gradients, build_optimizer, finish_gradients
+    from tinylm.train import (
+        accumulate_gradients,
+        build_optimizer,
+        finish_gradients,
+        keep_freed_memory_in_heap,
+    )
     from tinylm.trainconfig import TrainConfig
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -42,7 +48,10 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=25, help="rows of the op table")
     ap.add_argument("--logits-ce", action="store_true", help="compute CE from full logits (unfused path)")
     ap.add_argument("--data", default=str(REPO / "data/pretrain/train.jsonl"))
+    ap.add_argument("--default-malloc", action="store_true", help="skip keep_freed_memory_in_heap()")
     args = ap.parse_args()
+    if not args.default_malloc:
+        keep_freed_memory_in_heap()
 
     torch.manual_seed(0)
     model = TinyLMForCausalLM(preset_config(args.preset)).train()

@@ -49,12 +49,19 @@ def worker(args: argparse.Namespace) -> dict:
     from tinylm.dataset import BatchIterator, load_token_dataset
     from tinylm.metrics import peak_memory_mb
     from tinylm.objectives import LMObjective
-    from tinylm.train import accumulate_gradients, autocast_settings, build_optimizer, finish_gradients
+    from tinylm.train import (
+        accumulate_gradients,
+        autocast_settings,
+        build_optimizer,
+        finish_gradients,
+        keep_freed_memory_in_heap,
+    )
     from tinylm.trainconfig import TrainConfig
 
     cfg = TrainConfig(seq_len=args.seq, batch_size=args.batch, lr=3e-4, dtype=args.dtype)
     cfg.data.train = args.data
     device = torch.device("cpu")
+    keep_freed_memory_in_heap()  # what `tinylm train` does on CPU; applied to both models alike
     model = build(args.only).train()
     ds = load_token_dataset(args.data, kind="pretrain", seq_len=args.seq)
     it = iter(BatchIterator(ds, args.batch, args.seq, seed=0))

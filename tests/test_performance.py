@@ -70,3 +70,36 @@ def test_fused_loss_equals_logits_loss_in_trainer_objective() -> None:
     for a, b in zip(g, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5)  # summed loss: fp32 rounding
     assert model(ids, labels=labels, return_logits=False).logits is None
+
+
+def test_decode_linear_matches_f_linear_and_tracks_weight_updates():
+    from tinylm.linear import Linear
+
+    torch.manual_seed(0)
+    lin = Linear(64, 96, bias=True)
+    x = torch.randn(1, 1, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+        assert "_decode_weight_t" in lin.__dict__  # the fast path ran
+    opt = torch.optim.SGD(lin.parameters(), lr=0.5)
+    lin(torch.randn(4, 64)).square().sum().backward()  # grad path: plain F.linear
+    opt.step()  # in-place update bumps the weight's version
+    with torch.inference_mode():
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+    assert "_decode_weight_t" not in lin.state_dict() and len(lin.state_dict()) == 2
+
+
+def test_inference_paths_of_rmsnorm_and_rope_equal_autograd_functions():
+    from tinylm.model import RMSNorm, apply_rope
+
+    torch.manual_seed(0)
+    norm = RMSNorm(8)
+    norm.weight.data.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 8)
+    half = torch.randn(1, 1, 3, 4)
+    cos, sin = half.cos().repeat(1, 1, 1, 2), half.sin().repeat(1, 1, 1, 2)
+    q = torch.randn(2, 2, 3, 8)
+    with torch.no_grad():
+        fast_norm, fast_rope = norm(x), apply_rope(q, cos, sin)
+    torch.testing.assert_close(fast_norm, norm(x).detach(), rtol=0, atol=0)
+    torch.testing.assert_close(fast_rope, _RoPEFn.apply(q, cos, sin), rtol=0, atol=0)

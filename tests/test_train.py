@@ -316,3 +316,22 @@ def test_ddp_two_gloo_ranks_match_single_process(workdir):
     norms = [[r["grad_norm"] for r in read_metrics(Path(c.out_dir) / "metrics.jsonl") if "loss" in r]
              for c in (single, ddp)]
     assert norms[0] == pytest.approx(norms[1], rel=1e-4)
+
+
+def test_auto_dtype_uses_bf16_only_on_cpus_with_native_bf16(monkeypatch):
+    from tinylm import train as train_mod
+
+    real_check = train_mod.cpu_has_native_bf16
+    assert real_check() is False  # conftest sets TINYLM_CPU_FP32=1
+    monkeypatch.delenv("TINYLM_CPU_FP32")
+    flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
+    assert real_check() == any(f in flags for f in ("avx512_bf16", "amx_bf16", "bf16"))
+    cfg = TrainConfig(dtype="auto")
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: True)
+    assert train_mod.autocast_settings(cfg, cpu) == (torch.bfloat16, False)
+    monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: False)
+    assert train_mod.autocast_settings(cfg, cpu) == (None, False)
+    cfg.dtype = "fp32"
+    monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: True)
+    assert train_mod.autocast_settings(cfg, cpu) == (None, False)

@@ -31,6 +31,7 @@ from transformers.utils import ModelOutput
 
 from tinylm.config import TinyLMConfig
 from tinylm.kv_cache import StaticKVCache
+from tinylm.linear import Linear
 from tinylm.moe import Experts, MoE, Router, SwiGLU
 
 
@@ -81,7 +82,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # weight * (x / rms(x)), computed in fp32 and cast back (as Llama / Qwen3 do).
-        return _RMSNormFn.apply(x, self.weight, self.eps)
+        if torch.is_grad_enabled():
+            return _RMSNormFn.apply(x, self.weight, self.eps)
+        # Inference (decode): the same math without autograd.Function's per-call overhead.
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 def rope_frequencies(config: TinyLMConfig) -> tuple[torch.Tensor, float]:
@@ -140,7 +145,9 @@ class _RoPEFn(torch.autograd.Function):
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (B, heads, T, D), cos/sin (B|1, 1, T, D) -> x rotated by position (Llama's half-split layout)."""
-    return _RoPEFn.apply(x, cos, sin)
+    if torch.is_grad_enabled():
+        return _RoPEFn.apply(x, cos, sin)
+    return _rotate(x, cos, sin, 1.0)  # inference: skip autograd.Function's per-call overhead
 
 
 class Attention(nn.Module):
@@ -149,10 +156,10 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         h = config.hidden_size
-        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
+        self.q_proj = Linear(h, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = Linear(h, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = Linear(h, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = Linear(self.n_heads * self.head_dim, h, bias=False)
         self.qk_norm = config.qk_norm
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -354,7 +361,7 @@ class TinyLMForCausalLM(TinyLMPreTrainedModel, GenerationMixin):
     def __init__(self, config: TinyLMConfig) -> None:
         super().__init__(config)
         self.model = TinyLMModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:

@@ -23,7 +23,8 @@ Plugging in a new stage (how dpo / distill / reason / grpo are added):
   1. write the objective class in its own module (e.g. tinylm/dpo.py `class DPOObjective`),
      usually subclassing `LMObjective` to reuse data loading and sampling;
   2. add its name to `trainconfig.STAGES` and, if it has settings, a sub-dataclass in trainconfig.py;
-  3. add one `if stage == ...` branch to `make_objective` below (imports stay lazy).
+  3. add one `if stage == ...` branch to `train.make_objective` (the loop depends on the stages,
+     never the other way round).
 """
 
 from __future__ import annotations
@@ -147,26 +148,3 @@ def _one_pass(ds: Any, batch_size: int, seq_len: int, rank: int, world_size: int
     for start in range(0, len(ds) - world_size + 1, gb):  # every rank gets >= 1 row per batch
         rows = list(range(start, min(start + gb, len(ds))))[rank::world_size]
         yield collate(ds, rows, seq_len)
-
-
-def make_objective(cfg: TrainConfig) -> Objective:
-    """The objective for `cfg.stage`. Post-training stages register here with one branch each."""
-    stage = cfg.stage
-    if stage == "pretrain":
-        return LMObjective(cfg)
-    if stage == "sft":
-        return SFTObjective(cfg)
-    # Post-training stages (their modules define the classes; imports are lazy):
-    if stage == "dpo":
-        from tinylm.dpo import DPOObjective
-        return DPOObjective(cfg)
-    if stage == "distill":
-        from tinylm.distill import DistillObjective
-        return DistillObjective(cfg)
-    if stage == "reason":
-        from tinylm.reasoning import ReasonObjective
-        return ReasonObjective(cfg)
-    if stage == "grpo":
-        from tinylm.grpo import GRPOObjective
-        return GRPOObjective(cfg)
-    raise ValueError(f"stage {stage!r} has no objective (known: pretrain, sft, dpo, distill, reason, grpo)")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import math
 import os
 import shutil
@@ -71,6 +72,64 @@ def setup_distributed(cfg: TrainConfig) -> tuple[int, int, int, torch.device]:
     return rank, local_rank, world, device
 
 
+def make_objective(cfg: TrainConfig) -> Any:
+    """The objective for `cfg.stage` (tinylm/objectives.py documents the interface).
+
+    One branch per stage; imports are lazy so `tinylm train` only loads what the stage needs.
+    """
+    stage = cfg.stage
+    if stage in ("pretrain", "sft"):
+        from tinylm.objectives import LMObjective, SFTObjective
+        return SFTObjective(cfg) if stage == "sft" else LMObjective(cfg)
+    # Post-training stages (their modules define the classes; imports are lazy):
+    if stage == "dpo":
+        from tinylm.dpo import DPOObjective
+        return DPOObjective(cfg)
+    if stage == "distill":
+        from tinylm.distill import DistillObjective
+        return DistillObjective(cfg)
+    if stage == "reason":
+        from tinylm.reasoning import ReasonObjective
+        return ReasonObjective(cfg)
+    if stage == "grpo":
+        from tinylm.grpo import GRPOObjective
+        return GRPOObjective(cfg)
+    raise ValueError(f"stage {stage!r} has no objective (known: pretrain, sft, dpo, distill, reason, grpo)")
+
+
+def keep_freed_memory_in_heap() -> None:
+    """Stop glibc from returning freed activation buffers to the OS after every step (Linux, CPU).
+
+    By default glibc serves blocks above a dynamic threshold with fresh mmap() pages, so every step
+    re-faults and zero-fills each large activation (~33k page faults per `small` step). Raising
+    the mmap threshold to its 32 MiB maximum and the trim threshold to 1 GiB keeps those blocks
+    for reuse: 33k -> 6k faults, ~3% more tokens/s (bench/RESULTS.md). Memory is still freed at exit.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # musl or no glibc: nothing to tune
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameter ids from <malloc.h>
+    libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024)
+    libc.mallopt(m_trim_threshold, 1024 * 1024 * 1024)
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU has bf16 dot-product instructions (x86 avx512_bf16 / amx_bf16, Arm bf16).
+
+    TINYLM_CPU_FP32=1 makes `dtype: auto` stay fp32 on CPU (bit-exact runs; the test suite sets it).
+    """
+    if os.environ.get("TINYLM_CPU_FP32") == "1":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="ignore")
+    except OSError:  # macOS / Windows: stay on fp32
+        return False
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16", "bf16"))
+
+
 def autocast_settings(cfg: TrainConfig, device: torch.device) -> tuple[torch.dtype | None, bool]:
     """(autocast dtype or None for fp32, use GradScaler)."""
     dtype = cfg.dtype
@@ -78,9 +137,9 @@ def autocast_settings(cfg: TrainConfig, device: torch.device) -> tuple[torch.dty
         if device.type == "cuda":
             dtype = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         else:
-            # fp32 keeps CPU runs exact; dtype=bf16 is ~1.4x faster on CPUs with AVX512-BF16/AMX
-            # (measured on the 2-core EPYC dev box), slower on AVX2-only CPUs.
-            dtype = "fp32"
+            # bf16 autocast is ~2.4x faster than fp32 on CPUs with native bf16 matmuls (AVX512-BF16 /
+            # AMX) at equal validation loss (bench/RESULTS.md); on AVX2-only CPUs it is slower.
+            dtype = "bf16" if cpu_has_native_bf16() else "fp32"
     if dtype == "fp32":
         return None, False
     if dtype == "bf16":
@@ -287,10 +346,11 @@ def train(cfg: TrainConfig, objective: Any = None, log: Any = print) -> dict[str
     from tinylm.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from tinylm.loading import load_model
     from tinylm.metrics import MetricsLogger, peak_memory_mb, progress_line
-    from tinylm.objectives import make_objective
 
     cfg.validate()
     rank, _, world, device = setup_distributed(cfg)
+    if device.type == "cpu":
+        keep_freed_memory_in_heap()
     master = rank == 0
     say = log if master else (lambda *a, **k: None)
     out_dir = Path(cfg.out_dir)

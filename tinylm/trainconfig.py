@@ -187,7 +187,8 @@ class TrainConfig:
         out_dir: Run directory: config.yaml, metrics.jsonl, checkpoints/, final/.
         resume: false = start fresh (refuses to overwrite checkpoints), true = continue from the latest
             checkpoint in out_dir if any, or a checkpoint directory path.
-        dtype: "auto" (bf16 autocast on CUDA if supported, else fp32), "fp32", "bf16" (autocast), or
+        dtype: "auto" (bf16 autocast on CUDA if supported and on CPUs with native bf16 (AVX512-BF16 / AMX),
+            else fp32), "fp32", "bf16" (autocast), or
             "fp16" (CUDA autocast with GradScaler). Master weights stay fp32.
         compile: Wrap the model in `torch.compile`.
         grad_checkpointing: Recompute activations in the backward pass (less memory, ~30% slower).
