@@ -271,6 +271,14 @@ def test_grad_checkpointing_gives_same_losses(workdir):
     assert losses(a.out_dir) == pytest.approx(losses(b.out_dir), rel=1e-5)
 
 
+def test_torch_compile_gives_same_losses(workdir):
+    a = make_cfg(workdir, "compile_off", max_steps=3, seq_len=32)
+    b = make_cfg(workdir, "compile_on", max_steps=3, seq_len=32, compile=True)
+    train(a, log=lambda *a: None)
+    train(b, log=lambda *a: None)
+    assert losses(a.out_dir) == pytest.approx(losses(b.out_dir), rel=1e-4)
+
+
 def test_bf16_autocast_on_cpu_trains(workdir):
     cfg = make_cfg(workdir, "bf16", max_steps=3, dtype="bf16", seq_len=32)
     train(cfg, log=lambda *a: None)

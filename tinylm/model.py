@@ -120,6 +120,8 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) 
     # sign=-1 applies the inverse rotation (the backward pass).
     h = x.shape[-1] // 2
     x1, x2, c, s = x[..., :h], x[..., h:], cos[..., :h], sin[..., :h]
+    if torch.compiler.is_compiling():  # inductor fuses the plain formula itself (and rejects out=)
+        return torch.cat((x1 * c - sign * x2 * s, x2 * c + sign * x1 * s), dim=-1)
     out = torch.empty(torch.broadcast_shapes(x.shape, cos.shape), dtype=torch.result_type(x, cos), device=x.device)
     o1, o2 = out[..., :h], out[..., h:]
     torch.mul(x1, c, out=o1).addcmul_(x2, s, value=-sign)  # x1 cos - x2 sin
