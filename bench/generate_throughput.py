@@ -89,7 +89,7 @@ def prefill_rate(ours, hf, prompt_len: int, repeats: int) -> tuple[float, float]
         for _ in range(repeats + 1):
             cache = StaticKVCache(ours.config, 1, prompt_len + 1, dtype=next(ours.parameters()).dtype)
             t0 = time.perf_counter()
-            ours(x, past_key_values=cache, logits_to_keep=1)
+            ours(x, cache=cache, logits_to_keep=1)
             best_o = min(best_o, time.perf_counter() - t0)
             t0 = time.perf_counter()
             hf(x, use_cache=True, logits_to_keep=1)

@@ -32,6 +32,7 @@ def worker(name: str, steps: int, warmup: int, seq: int, batch: int, data: str) 
 
     from tinylm.config import preset_config
     from tinylm.dataset import BatchIterator, load_token_dataset
+    from tinylm.hf_compat import enable_checkpointing
     from tinylm.metrics import peak_memory_mb
     from tinylm.model import TinyLMForCausalLM
     from tinylm.objectives import LMObjective, causal_lm_loss_sum
@@ -41,7 +42,7 @@ def worker(name: str, steps: int, warmup: int, seq: int, batch: int, data: str) 
     torch.manual_seed(0)
     model = TinyLMForCausalLM(preset_config("small")).train()
     if "ckpt" in name:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     cfg = TrainConfig(seq_len=seq, batch_size=batch, lr=3e-4)
     it = iter(BatchIterator(load_token_dataset(data, kind="pretrain", seq_len=seq), batch, seq, seed=0))
     obj = LMObjective(cfg)

@@ -21,6 +21,7 @@ from tinylm.generate import (
     top_k_filter,
     top_p_filter,
 )
+from tinylm.hf_compat import CACHE_FIELD, cache_kwargs
 
 
 @pytest.fixture(scope="module")
@@ -196,13 +197,14 @@ class ScriptedLM(nn.Module):
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
-    def forward(self, input_ids, past_key_values=None, **kw):
+    def forward(self, input_ids, **kw):
         # The "cache" only counts tokens: p = prompt length (first call), n = tokens seen.
-        p = getattr(past_key_values, "p", input_ids.shape[1])
-        n = getattr(past_key_values, "n", 0) + input_ids.shape[1]
+        past = kw.get(CACHE_FIELD)
+        p = getattr(past, "p", input_ids.shape[1])
+        n = getattr(past, "n", 0) + input_ids.shape[1]
         logits = torch.full((input_ids.shape[0], 1, self.config.vocab_size), -1e9)
         logits[:, 0, self.script[min(n - p, len(self.script) - 1)]] = 0.0
-        return SimpleNamespace(logits=logits, past_key_values=SimpleNamespace(n=n, p=p))
+        return SimpleNamespace(logits=logits, **cache_kwargs(SimpleNamespace(n=n, p=p)))
 
 
 def script_ids(tok, pieces: list[str | int]) -> list[int]:

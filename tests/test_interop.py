@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 import tinylm
 from tinylm.config import TinyLMConfig
+from tinylm.hf_compat import cache_kwargs, output_cache
 from tinylm.interop import add_cli, choose_arch, export, import_hf, model_info
 
 TOL = 1e-4
@@ -102,12 +103,12 @@ def test_kv_cache_prefill_and_decode_match(exported, name):
     with torch.no_grad():
         a, b = model(x[:, :8], use_cache=True), hf(x[:, :8], use_cache=True)
         assert max_diff(a.logits, b.logits) <= TOL
-        pa, pb = a.past_key_values, b.past_key_values
+        pa, pb = output_cache(a), output_cache(b)
         for t in range(8, 12):  # one token at a time, each side with its own cache
-            a = model(x[:, t:t + 1], past_key_values=pa, use_cache=True)
-            b = hf(x[:, t:t + 1], past_key_values=pb, use_cache=True)
+            a = model(x[:, t:t + 1], cache=pa, use_cache=True)
+            b = hf(x[:, t:t + 1], use_cache=True, **cache_kwargs(pb))
             assert max_diff(a.logits, b.logits) <= TOL
-            pa, pb = a.past_key_values, b.past_key_values
+            pa, pb = output_cache(a), output_cache(b)
 
 
 @pytest.mark.parametrize("name", PARITY)

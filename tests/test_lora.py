@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from tinylm.config import TinyLMConfig
+from tinylm.hf_compat import enable_checkpointing
 from tinylm.lora import (
     LoRALinear,
     apply_lora,
@@ -159,7 +160,7 @@ def test_gradient_checkpointing_with_adapters(reentrant: bool) -> None:
         randomize_adapters(model)
         model.train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            enable_checkpointing(model, use_reentrant=reentrant)
         model(IDS, labels=labels).loss.backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 

@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import tinylm
 from tinylm.config import TinyLMConfig, count_parameters, preset_config
+from tinylm.hf_compat import enable_checkpointing, output_cache
 from tinylm.kv_cache import StaticKVCache
 
 TOL = 1e-4
@@ -38,11 +39,11 @@ def test_dynamic_cache_prefill_decode_equals_full_forward(kw):
         out = model(x[:, :7], use_cache=True)
         steps = [out.logits]
         for t in range(7, 12):
-            out = model(x[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+            out = model(x[:, t:t + 1], cache=output_cache(out), use_cache=True)
             steps.append(out.logits)
         # a multi-token chunk after the prefill also works (chunked prefill)
         chunk = model(x[:, :5], use_cache=True)
-        chunk = model(x[:, 5:], past_key_values=chunk.past_key_values, use_cache=True)
+        chunk = model(x[:, 5:], cache=output_cache(chunk), use_cache=True)
     assert max_diff(torch.cat(steps, 1), full) <= TOL
     assert max_diff(chunk.logits, full[:, 5:]) <= TOL
 
@@ -53,9 +54,9 @@ def test_static_cache_prefill_decode_equals_full_forward(kw):
     cache = StaticKVCache(model.config, batch_size=2, max_seq_len=16)
     with torch.no_grad():
         full = model(x).logits
-        steps = [model(x[:, :6], past_key_values=cache).logits]
+        steps = [model(x[:, :6], cache=cache).logits]
         for t in range(6, 10):
-            steps.append(model(x[:, t:t + 1], past_key_values=cache).logits)
+            steps.append(model(x[:, t:t + 1], cache=cache).logits)
     assert cache.seq_lens.tolist() == [10, 10]
     assert max_diff(torch.cat(steps, 1), full) <= TOL
 
@@ -72,16 +73,16 @@ def test_static_cache_ragged_rows_and_reuse():
         mask = torch.zeros(2, 7, dtype=torch.long)
         mask[0], mask[1, :4] = 1, 1
         rows = torch.tensor([2, 0])
-        out = model(batch, attention_mask=mask, past_key_values=cache, cache_rows=rows).logits
+        out = model(batch, attention_mask=mask, cache=cache, cache_rows=rows).logits
         assert cache.seq_lens.tolist() == [4, 0, 7]
         assert max_diff(out[0], solo_a[0]) <= TOL and max_diff(out[1, :4], solo_b[0]) <= TOL
         # decode one more token for row 0 only; then reset row 2 and reuse it for b
         nxt = torch.tensor([[11]])
-        step = model(nxt, past_key_values=cache, cache_rows=torch.tensor([0])).logits
+        step = model(nxt, cache=cache, cache_rows=torch.tensor([0])).logits
         ref = model(torch.cat([b, nxt], 1)).logits[:, -1:]
         assert max_diff(step, ref) <= TOL
         cache.reset([2])
-        again = model(b, past_key_values=cache, cache_rows=torch.tensor([2])).logits
+        again = model(b, cache=cache, cache_rows=torch.tensor([2])).logits
         assert max_diff(again, solo_b) <= TOL
 
 
@@ -222,7 +223,7 @@ def test_gradient_checkpointing_same_grads():
     for ckpt in (False, True):
         model = make(**MOE, first_k_dense_replace=1).train()
         if ckpt:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model)
             assert model.model.layers[0].gradient_checkpointing
         model(x, labels=x).loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})

@@ -95,6 +95,19 @@ def model_state_fp32(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move the finished directory `tmp` to `final` with renames only, so a crash at any point
+    leaves either the old or the new complete directory (re-saving a step, or `final/` again)."""
+    if final.exists():
+        old = final.with_name(f".old_{final.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
 def save_checkpoint(out_dir: str | os.PathLike, step: int, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any],
                     config_yaml: str = "", keep_last: int = 2) -> Path:
@@ -110,14 +123,7 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, model: torch.nn.Modul
         state = dict(trainer_state)
         state["rng"] = rng_state()
         torch.save(state, tmp / "trainer_state.pt")  # written last: marks the checkpoint complete
-        if final.exists():  # re-saving the same step (e.g. after a resume): swap it out safely
-            old = final.with_name(f".old_{final.name}")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        replace_dir(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for old in list_checkpoints(out_dir)[:-keep_last]:

@@ -33,7 +33,7 @@ class TinyLMConfig(PretrainedConfig):
     """
 
     model_type = "tinylm"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     def __init__(
         self,

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tinylm.hf_compat import cache_kwargs, output_cache
+
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
@@ -342,9 +344,9 @@ class StaticRunner:
             mask = (torch.arange(ids.shape[1], device=self.device)[None] < lens[:, None]).long()  # right padding
             rows_t = torch.tensor(rows[start:end], device=self.device)
             if len(group) == 1:
-                logits = self.model(ids, past_key_values=self.cache, cache_rows=rows_t, logits_to_keep=1).logits[:, -1]
+                logits = self.model(ids, cache=self.cache, cache_rows=rows_t, logits_to_keep=1).logits[:, -1]
             else:
-                logits = self.model(ids, attention_mask=mask, past_key_values=self.cache, cache_rows=rows_t).logits
+                logits = self.model(ids, attention_mask=mask, cache=self.cache, cache_rows=rows_t).logits
                 logits = logits[torch.arange(len(group)), lens - 1]
             out.append(logits)
             start = end
@@ -354,7 +356,7 @@ class StaticRunner:
         """Feed one token per row; return logits (b, V)."""
         ids = torch.tensor(tokens, device=self.device)[:, None]
         rows_t = torch.tensor(rows, device=self.device)
-        return self.model(ids, past_key_values=self.cache, cache_rows=rows_t, logits_to_keep=1).logits[:, -1]
+        return self.model(ids, cache=self.cache, cache_rows=rows_t, logits_to_keep=1).logits[:, -1]
 
     def free(self, row: int) -> None:
         self.cache.reset([row])
@@ -369,8 +371,8 @@ class DynamicRunner:
 
     def _forward(self, row: int, ids: list[int]) -> torch.Tensor:
         x = torch.tensor([ids], device=self.device)
-        out = self.model(input_ids=x, past_key_values=self.caches[row], use_cache=True, logits_to_keep=1)
-        self.caches[row] = out.past_key_values
+        out = self.model(input_ids=x, use_cache=True, logits_to_keep=1, **cache_kwargs(self.caches[row]))
+        self.caches[row] = output_cache(out)
         return out.logits[0, -1].float()
 
     def prefill(self, rows: list[int], prompts: list[list[int]]) -> torch.Tensor:

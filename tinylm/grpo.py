@@ -128,7 +128,7 @@ def sample(
         attn = (torch.arange(t_max, device=device)[None] < lens[:, None]).long()  # right padding
         dtype = next(model.parameters()).dtype
         cache = StaticKVCache(model.config, b, t_max + max_new_tokens, device=device, dtype=dtype)
-        logits = model(ids, attention_mask=attn, past_key_values=cache, use_cache=True).logits
+        logits = model(ids, attention_mask=attn, cache=cache, use_cache=True).logits
         last = logits[torch.arange(b, device=device), lens - 1]            # (B, V)
         eos = torch.tensor(eos_ids, device=device)
         out = torch.zeros(b, max_new_tokens, dtype=torch.long, device=device)
@@ -145,7 +145,7 @@ def sample(
             alive = alive & ~torch.isin(tok, eos)
             if not alive.any():
                 break
-            logits = model(tok[:, None], attention_mask=alive_before[:, None].long(), past_key_values=cache,
+            logits = model(tok[:, None], attention_mask=alive_before[:, None].long(), cache=cache,
                            use_cache=True).logits
             last = logits[:, -1]
         res = []

@@ -27,23 +27,20 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.utils import ModelOutput
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from tinylm.config import TinyLMConfig
+from tinylm.hf_compat import cache_kwargs
 from tinylm.kv_cache import StaticKVCache
 from tinylm.linear import Linear
 from tinylm.moe import Experts, MoE, Router, SwiGLU
 
 
 @dataclass
-class TinyLMOutput(ModelOutput):
-    """loss = LM cross-entropy + aux_loss; aux_loss = weighted MoE balance loss (0 for dense)."""
-
-    loss: torch.Tensor | None = None
-    aux_loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    past_key_values: object | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
+class TinyLMOutput(MoeCausalLMOutputWithPast):
+    """transformers' MoE causal-LM output: loss = LM cross-entropy + aux_loss; aux_loss = weighted
+    MoE balance loss (0 for dense); the KV cache field is `cache` (transformers >= 5.24) or
+    `past_key_values` (older), see hf_compat.py."""
 
 
 class _RMSNormFn(torch.autograd.Function):
@@ -259,7 +256,7 @@ class TinyLMModel(TinyLMPreTrainedModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        past_key_values: object | None = None,
+        cache: object | None = None,
         cache_rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """input_ids (B, T) -> final hidden states (B, T, H), summed aux loss."""
@@ -267,7 +264,6 @@ class TinyLMModel(TinyLMPreTrainedModel):
         x = self.embed_tokens(input_ids)
         device = input_ids.device
         token_mask = None  # (B, T) real-token flags for MoE statistics
-        cache = past_key_values
         if isinstance(cache, StaticKVCache):
             rows = cache_rows if cache_rows is not None else torch.arange(b, device=device)
             positions, key_valid = cache.begin(rows, t)
@@ -383,32 +379,36 @@ class TinyLMForCausalLM(TinyLMPreTrainedModel, GenerationMixin):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        past_key_values: object | None = None,
+        cache: object | None = None,
         labels: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
         num_items_in_batch: int | torch.Tensor | None = None,
         cache_rows: torch.Tensor | None = None,
         return_logits: bool = True,
+        past_key_values: object | None = None,
         **kwargs: object,
     ) -> TinyLMOutput:
-        """return_logits=False with labels: the loss is computed by a chunked fused lm_head +
+        """cache: a StaticKVCache (tinylm's decoder, rows picked by `cache_rows`) or a transformers
+        Cache (`generate()`); `past_key_values` is its pre-5.24 transformers name.
+        return_logits=False with labels: the loss is computed by a chunked fused lm_head +
         cross-entropy (much less memory and time in training; see docs/performance.md) and
         `.logits` is None. The default keeps transformers' semantics."""
+        cache = cache if cache is not None else past_key_values
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
-        if use_cache and past_key_values is None and labels is None:
+        if use_cache and cache is None and labels is None:
             from transformers.cache_utils import DynamicCache
 
-            past_key_values = DynamicCache(config=self.config)
-        hidden, aux = self.model(input_ids, attention_mask, position_ids, past_key_values, cache_rows)
-        pkv = past_key_values if use_cache or past_key_values is not None else None
+            cache = DynamicCache(config=self.config)
+        hidden, aux = self.model(input_ids, attention_mask, position_ids, cache, cache_rows)
+        pkv = cache if use_cache or cache is not None else None
         if labels is not None and not return_logits:
             # Shifted next-token CE without (B, T, V) logits: position t predicts token t+1.
             h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B*(T-1), H)
             targets = labels[:, 1:].reshape(-1).to(h.device)
             ce_sum = linear_cross_entropy_sum(h, self.lm_head.weight, targets)
             denom = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum().clamp(min=1)
-            return TinyLMOutput(loss=ce_sum / denom + aux, aux_loss=aux, logits=None, past_key_values=pkv)
+            return TinyLMOutput(loss=ce_sum / denom + aux, aux_loss=aux, logits=None, **cache_kwargs(pkv))
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden).float()  # (B, T, V)
@@ -423,7 +423,7 @@ class TinyLMForCausalLM(TinyLMPreTrainedModel, GenerationMixin):
             else:
                 loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum") / num_items_in_batch
             loss = loss + aux
-        return TinyLMOutput(loss=loss, aux_loss=aux, logits=logits, past_key_values=pkv)
+        return TinyLMOutput(loss=loss, aux_loss=aux, logits=logits, **cache_kwargs(pkv))
 
     # -- MoE helpers ----------------------------------------------------------------------------
     def moe_layers(self) -> list[tuple[int, MoE]]:

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from tinylm.hf_compat import enable_checkpointing
 from tinylm.trainconfig import TrainConfig, config_to_dict, load_config, save_config
 
 
@@ -222,6 +223,8 @@ def apply_adapters(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
 
 def save_final(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path) -> Path:
     """HF-format model directory with tokenizer + generation config, written atomically to out_dir/final."""
+    from tinylm.checkpoint import replace_dir
+
     final = Path(out_dir) / "final"
     tmp = Path(tempfile.mkdtemp(dir=Path(out_dir), prefix=".tmp_final_"))
     try:
@@ -235,14 +238,7 @@ def save_final(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path) -> P
             model.save_pretrained(str(tmp), safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        if final.exists():
-            old = final.with_name(".old_final")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        replace_dir(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
@@ -364,10 +360,7 @@ def train(cfg: TrainConfig, objective: Any = None, log: Any = print) -> dict[str
     model, tokenizer = load_model(cfg.model, dtype="fp32", tokenizer=cfg.tokenizer or None, seed=cfg.seed)
     model = apply_adapters(model, cfg).to(device)
     if cfg.grad_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-            model.activation_checkpointing_enable({"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     model.train()
     raw_model = model
     objective = objective if objective is not None else make_objective(cfg)
