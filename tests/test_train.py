@@ -217,6 +217,8 @@ def test_resume_reproduces_uninterrupted_run(workdir):
 
 
 def test_nonfinite_loss_stops_and_keeps_checkpoint(workdir):
+    from tinylm.report import diagnose, load_run
+
     cfg = make_cfg(workdir, "nan", max_steps=10, save_every=2)
     with pytest.raises(NonFiniteLossError, match=r"at step 4.*step_0000002"):
         train(cfg, StopAt(cfg, at=4, nan=True), log=lambda *a: None)
@@ -224,6 +226,76 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(workdir):
     model, _ = load_model(str(workdir / "model"))
     load_checkpoint(latest_checkpoint(cfg.out_dir), model, restore_rng=False)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    # The stop is on record (strict JSON) and the report diagnoses it, pointing at the kept checkpoint.
+    rows = read_metrics(Path(cfg.out_dir) / "metrics.jsonl")
+    assert rows[-1]["nonfinite"] == "loss" and rows[-1]["loss"] == "nan" and rows[-1]["step"] == 4
+    json.loads((Path(cfg.out_dir) / "metrics.jsonl").read_text().splitlines()[-1],
+               parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+    findings = diagnose(load_run(cfg.out_dir), vocab_size=6400)
+    assert findings[0].kind == "divergence", findings
+    assert "step 4" in findings[0].message and "step_0000002" in findings[0].message
+
+
+def test_real_divergence_is_diagnosed(workdir):
+    """A learning rate far too high, end to end: train stops, report says divergence (not underfitting)."""
+    from tinylm.report import diagnose, load_run
+
+    cfg = make_cfg(workdir, "diverge", max_steps=40, lr=1e4, grad_clip=0.0, warmup_steps=1)
+    with pytest.raises(NonFiniteLossError):
+        train(cfg, log=lambda *a: None)
+    kinds = [f.kind for f in diagnose(load_run(cfg.out_dir), vocab_size=6400)]
+    assert kinds[0] == "divergence" and "underfit" not in kinds, kinds
+
+
+def test_epochs_bound_a_time_budgeted_run(workdir):
+    """time_budget_min is a cap: with epochs=1 the run still ends after one pass over the data."""
+    one_epoch = make_cfg(workdir, "epoch", max_steps=0, epochs=1.0, batch_size=8)
+    capped = make_cfg(workdir, "epoch_budget", max_steps=0, epochs=1.0, batch_size=8, time_budget_min=30.0)
+    a, b = train(one_epoch, log=lambda *a: None), train(capped, log=lambda *a: None)
+    rows = len(LMObjective(one_epoch).batches("train", 0, 1))
+    assert a["step"] == b["step"] == rows  # 1 epoch = every packed row once
+    assert losses(one_epoch.out_dir) == losses(capped.out_dir)
+
+
+def test_best_checkpoint_kept_beyond_keep_last(workdir):
+    cfg = make_cfg(workdir, "best", max_steps=12, eval_every=2, save_every=2, keep_last=1, lr=3e-2,
+                   data_val=str(workdir / "pretrain.jsonl"), eval_batches=2)
+    train(cfg, log=lambda *a: None)
+    val = [(r["step"], r["val_loss"]) for r in read_metrics(Path(cfg.out_dir) / "metrics.jsonl") if "val_loss" in r]
+    best_step, best_val = min(val, key=lambda x: x[1])
+    info = json.loads((Path(cfg.out_dir) / "best" / "training_info.json").read_text())
+    assert info["step"] == best_step and info["val_loss"] == pytest.approx(best_val, abs=1e-6)
+    from tinylm.loading import load_model
+    model, _ = load_model(str(Path(cfg.out_dir) / "best"))  # a complete HF model directory
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_optimizer_decays_matrices_only(workdir):
+    from tinylm.loading import load_model
+    from tinylm.train import build_optimizer
+
+    model, _ = load_model(str(workdir / "model"))
+    opt = build_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    no_decay = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert decay and all(n.endswith("proj.weight") for n in decay), decay
+    assert "model.embed_tokens.weight" in no_decay and all("norm" in n or "embed" in n for n in no_decay), no_decay
+    assert len(decay) + len(no_decay) == len(list(model.parameters()))
+
+
+def test_pretrain_on_bundled_data_learns(tmp_path):
+    """The shipped corpus, shipped tokenizer, preset `tiny`: loss falls well below ln(vocab)."""
+    cfg = load_config(REPO / "recipes" / "pretrain.yaml", [
+        f"out_dir={tmp_path / 'run'}", "max_steps=50", "seq_len=128", "batch_size=16", "warmup_steps=5",
+        "eval_every=0", "save_every=0", "sample_every=0", "log_every=5", "dtype=fp32",
+        f"data.train={REPO / 'data/pretrain/train.jsonl'}", f"data.val={REPO / 'data/pretrain/val.jsonl'}"])
+    result = train(cfg, log=lambda *a: None)
+    ln_v = math.log(6400)
+    first = losses(cfg.out_dir)[0]
+    assert first > 0.95 * ln_v  # starts at the uniform guess
+    # 100k tokens in: held-out perplexity at least e^1.5 = 4.5x better than a uniform guess (ppl 6400)
+    assert result["val_loss"] < ln_v - 1.5, (result, ln_v)
 
 
 def test_checkpoint_save_is_atomic(workdir, monkeypatch):

@@ -65,6 +65,8 @@ def load_run(run_dir: str | Path) -> Run:
             continue
         if row.get("val_loss") is not None:
             run.val.append(row)
+        if row.get("nonfinite"):  # `tinylm train` stopped on NaN/inf: strict JSON has them as strings
+            row = {**row, **{k: float(row[k]) for k in ("loss", "grad_norm") if isinstance(row.get(k), str)}}
         if row.get("loss") is not None:
             run.train.append(row)
     cfg = path / "config.yaml"
@@ -133,6 +135,14 @@ def checkpoint_steps(run_dir: Path) -> dict[int, Path]:
 
 
 def _nearest_ckpt(run_dir: Path, step: int) -> str:
+    info = run_dir / "best" / "training_info.json"
+    if step >= 0 and info.is_file():  # `keep_best`: the weights of the lowest validation loss
+        try:
+            best_step = json.loads(info.read_text(encoding="utf-8")).get("step")
+        except (OSError, json.JSONDecodeError):
+            best_step = None
+        if best_step == step:
+            return f"{run_dir / 'best'} (the weights of step {step})"
     ckpts = checkpoint_steps(run_dir)
     if not ckpts:
         return "no checkpoints are left in checkpoints/ (raise keep_last or save_every to keep the best one)"
@@ -144,10 +154,10 @@ def _nearest_ckpt(run_dir: Path, step: int) -> str:
 def diagnose(run: Run, vocab_size: int | None = None) -> list[Finding]:
     """Learning-curve findings, each with its evidence."""
     rows = run.train
-    if len(rows) < 5:
+    if len(rows) < 5 and not any(r.get("nonfinite") for r in rows):
         return [Finding("no_data", f"Only {len(rows)} training rows in metrics.jsonl: too few to diagnose.")]
     findings: list[Finding] = []
-    bad = next((r for r in rows if not _finite(r["loss"]) or ("grad_norm" in r and r["grad_norm"] is not None
+    bad = next((r for r in rows if not _finite(r["loss"]) or (r.get("grad_norm") is not None and not r.get("amp_overflow")
                                                               and not _finite(r["grad_norm"]))), None)
     good_rows = [r for r in rows if _finite(r["loss"])]
     if bad is not None:
@@ -215,7 +225,8 @@ def diagnose(run: Run, vocab_size: int | None = None) -> list[Finding]:
     # Underfitting: flat or close to the uniform-guess loss ln(V).
     drop = (start - final) / start if start > 0 else 0.0
     ln_v = math.log(vocab_size) if vocab_size else None
-    if not overfit and (drop < 0.1 or (ln_v and final > 0.8 * ln_v)):
+    diverged = any(f.kind == "divergence" for f in findings)  # "raise the lr" would contradict it
+    if not overfit and not diverged and (drop < 0.1 or (ln_v and final > 0.8 * ln_v)):
         ref = (f"; ln(vocab={vocab_size}) = {ln_v:.2f} is the loss of a uniform guess and the final loss is "
                f"{100 * final / ln_v:.0f}% of it") if ln_v else ""
         findings.append(Finding("underfit", (

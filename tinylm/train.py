@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import json
 import math
 import os
 import shutil
@@ -221,12 +222,14 @@ def apply_adapters(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
     return model
 
 
-def save_final(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path) -> Path:
-    """HF-format model directory with tokenizer + generation config, written atomically to out_dir/final."""
+def save_final(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path, name: str = "final",
+               info: dict[str, Any] | None = None) -> Path:
+    """HF-format model directory with tokenizer + generation config, written atomically to out_dir/NAME
+    (`final`, or `best`: the weights of the lowest validation loss). `info` goes to training_info.json."""
     from tinylm.checkpoint import replace_dir
 
-    final = Path(out_dir) / "final"
-    tmp = Path(tempfile.mkdtemp(dir=Path(out_dir), prefix=".tmp_final_"))
+    final = Path(out_dir) / name
+    tmp = Path(tempfile.mkdtemp(dir=Path(out_dir), prefix=f".tmp_{name}_"))
     try:
         gen = getattr(model, "generation_config", None)
         if gen is not None and gen.eos_token_id is None and tokenizer is not None:
@@ -238,6 +241,8 @@ def save_final(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path) -> P
             model.save_pretrained(str(tmp), safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        if info:
+            (tmp / "training_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         replace_dir(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -394,7 +399,7 @@ def train(cfg: TrainConfig, objective: Any = None, log: Any = print) -> dict[str
         train_it.load_state_dict(state["data"])
     train_stream = iter(train_it)  # train_it keeps the resumable position (state_dict)
     total_steps = cfg.max_steps
-    if total_steps == 0 and cfg.epochs > 0 and not cfg.time_budget_min:
+    if total_steps == 0 and cfg.epochs > 0:  # a time budget, if set, is an extra cap
         per_epoch = math.ceil(len(train_it) / cfg.grad_accum)
         total_steps = max(1, math.ceil(cfg.epochs * per_epoch))
     budget_s = cfg.time_budget_min * 60.0
@@ -411,6 +416,17 @@ def train(cfg: TrainConfig, objective: Any = None, log: Any = print) -> dict[str
     t_start = time.time()
     win_t, win_tokens, win_data, win_steps = time.time(), 0, 0.0, 0
     last_loss, last_val = float("nan"), None
+    best_val = float(state.get("best_val", math.inf))
+
+    def stop_nonfinite(what: str, loss: float, grad_norm: float | None, at_step: int, lr: float) -> None:
+        # Logged first, so that `tinylm report` diagnoses the divergence from metrics.jsonl
+        # (non-finite values as strings: metrics.jsonl stays strict JSON).
+        def num(x: float | None) -> float | str | None:
+            return x if x is None or math.isfinite(x) else str(x)
+
+        logger.log({"step": at_step, "loss": num(loss), "grad_norm": num(grad_norm), "lr": lr, "nonfinite": what})
+        raise NonFiniteLossError(_nonfinite_message(what, grad_norm if what == "gradient norm" else loss,
+                                                    at_step, out_dir))
 
     def save(at_step: int) -> None:
         if not master:
@@ -418,7 +434,7 @@ def train(cfg: TrainConfig, objective: Any = None, log: Any = print) -> dict[str
         path = save_checkpoint(out_dir, at_step, raw_model, optimizer, {
             "step": at_step, "tokens_seen": tokens_seen, "elapsed_s": elapsed_before + time.time() - t_start,
             "data": train_it.state_dict(), "scaler": scaler.state_dict() if use_scaler else {},
-            "total_steps": total_steps, "world_size": world,
+            "total_steps": total_steps, "world_size": world, "best_val": best_val,
         }, config_yaml, cfg.keep_last)
         if getattr(raw_model, "lora_settings", None) is not None:  # the adapter alone, loadable by PEFT
             from tinylm.lora import save_adapter
@@ -453,13 +469,16 @@ def train(cfg: TrainConfig, objective: Any = None, log: Any = print) -> dict[str
                 continue
             loss = total_loss / n_total
             if not math.isfinite(loss):
-                raise NonFiniteLossError(_nonfinite_message("loss", loss, step + 1, out_dir))
+                stop_nonfinite("loss", loss, None, step + 1, lr)
 
             scaler.unscale_(optimizer)
             grad_norm = finish_gradients(params, n_total, world, micro_scale, cfg.grad_clip)
             grad_norm = float(grad_norm)
             if not math.isfinite(grad_norm) and not use_scaler:
-                raise NonFiniteLossError(_nonfinite_message("gradient norm", grad_norm, step + 1, out_dir))
+                stop_nonfinite("gradient norm", loss, grad_norm, step + 1, lr)
+            # fp16: GradScaler skips a step whose gradients overflowed and lowers its scale; that is
+            # routine, not divergence, so it is logged as amp_overflow rather than an infinite norm.
+            overflow = use_scaler and not math.isfinite(grad_norm)
             scaler.step(optimizer)  # with fp16, skipped automatically when grads overflowed
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -481,9 +500,11 @@ def train(cfg: TrainConfig, objective: Any = None, log: Any = print) -> dict[str
                 else:
                     eta = budget_s - elapsed
                 row = {"step": step, "loss": round(loss, 6), "lr": lr, "tokens_per_s": round(tps, 1),
-                       "grad_norm": round(grad_norm, 4), "tokens_seen": tokens_seen,
+                       "grad_norm": None if overflow else round(grad_norm, 4), "tokens_seen": tokens_seen,
                        "elapsed_s": round(elapsed, 2), "peak_mem_mb": round(peak_memory_mb(device), 1),
                        "data_ms": round(1000 * win_data / max(win_steps, 1), 2)}
+                if overflow:
+                    row["amp_overflow"] = True
                 row.update({k: round(v, 6) for k, v in extra.items()})
                 if is_moe and master:
                     row["expert_load"] = raw_model.moe_load_stats(reset=True)
@@ -499,10 +520,15 @@ def train(cfg: TrainConfig, objective: Any = None, log: Any = print) -> dict[str
                     last_val = val
                     say(f"step {step} | val_loss {val:.4f}")
                     logger.log({"step": step, "val_loss": round(val, 6)})
+                    if val < best_val:
+                        best_val = val
+                        if master and cfg.keep_best:  # survives keep_last's pruning (overfitting runs)
+                            save_final(raw_model, tokenizer, out_dir, "best", {"step": step, "val_loss": val})
             if master and cfg.sample_prompts and ((cfg.sample_every and step % cfg.sample_every == 0) or done):
                 for prompt, text in generate_samples(objective, raw_model, tokenizer, cfg, device, autocast_dtype):
                     say(f"  sample | {prompt!r} -> {text!r}")
                     logger.log({"step": step, "sample_prompt": prompt, "sample": text})
+                    logger.log_text("samples", f"{prompt} -> {text}", step)
             if (cfg.save_every and step % cfg.save_every == 0) or done:
                 save(step)
             win_t += time.time() - t_side

@@ -174,10 +174,13 @@ class TrainConfig:
         adam_beta2: AdamW beta2.
         max_steps: Optimizer steps to run; 0 = derive from `epochs`, or run until `time_budget_min`.
         epochs: Passes over the training data (used when max_steps is 0).
-        time_budget_min: Stop after this many minutes (0 = no limit); with max_steps = epochs = 0 the
-            cosine schedule follows elapsed time instead of steps.
+        time_budget_min: Stop after this many minutes (0 = no limit), whatever the step count. With
+            max_steps = 0 and epochs = 0 the run lasts exactly the budget and the cosine schedule
+            follows elapsed time instead of steps.
         save_every: Save a checkpoint every N steps (0 = only at the end).
         keep_last: How many checkpoints to keep in `out_dir/checkpoints`.
+        keep_best: Also keep the weights of the lowest validation loss so far in `out_dir/best`
+            (HF format, with training_info.json naming the step), so an overfitting run loses nothing.
         eval_every: Validation loss every N steps (0 = only at the end).
         eval_batches: Validation micro-batches per evaluation (0 = the whole validation set).
         log_every: Progress line and metrics row every N steps.
@@ -223,6 +226,7 @@ class TrainConfig:
     time_budget_min: float = 0.0
     save_every: int = 500
     keep_last: int = 2
+    keep_best: bool = True
     eval_every: int = 200
     eval_batches: int = 20
     log_every: int = 10
