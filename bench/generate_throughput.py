@@ -1,8 +1,9 @@
 """Generation throughput: tinylm's static-KV-cache decoder vs transformers' generate(), and the server.
 
 Same weights on both sides: the tinylm `small` preset (random init; speed does not depend on the
-weights) is copied into a transformers Qwen3ForCausalLM (same architecture: GQA, QK-norm, SwiGLU,
-tied embeddings); logits are checked to match before timing. Decode rates are measured as
+weights) is written by `tinylm export` as a transformers Qwen3ForCausalLM (same architecture: GQA,
+QK-norm, SwiGLU, tied embeddings) and loaded back with AutoModelForCausalLM; logits are checked to
+match before timing. Decode rates are measured as
 (tokens of N steps - tokens of 1 step) / (time of N steps - time of 1 step), so prefill is excluded
 on both sides.
 
@@ -15,6 +16,7 @@ Prints `RESULT <name> <value> <unit> ratio=<x> vs=<baseline>` lines.
 from __future__ import annotations
 
 import argparse
+import tempfile
 import threading
 import time
 
@@ -22,9 +24,10 @@ import torch
 
 
 def build_models(preset: str, dtype: torch.dtype):
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from tinylm.config import preset_config
+    from tinylm.interop import export
     from tinylm.model import TinyLMForCausalLM
     from tinylm.tokenizer import load_tokenizer
 
@@ -32,20 +35,10 @@ def build_models(preset: str, dtype: torch.dtype):
     torch.manual_seed(0)
     cfg = preset_config(preset, vocab_size=len(tok), eos_token_id=[2, 0])
     ours = TinyLMForCausalLM(cfg).eval()
-    try:  # the project's exporter, when present
-        from tinylm.interop import to_transformers  # type: ignore[attr-defined]
-
-        hf = to_transformers(ours).eval()
-    except (ImportError, AttributeError):
-        hcfg = Qwen3Config(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-                           intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
-                           num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
-                           head_dim=cfg.head_dim, max_position_embeddings=cfg.max_position_embeddings,
-                           rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=True,
-                           eos_token_id=2, pad_token_id=0)
-        hf = Qwen3ForCausalLM(hcfg).eval()
-        missing = hf.load_state_dict(ours.state_dict(), strict=False)
-        assert not [k for k in missing.missing_keys if k != "lm_head.weight"], missing
+    with tempfile.TemporaryDirectory() as d:  # `tinylm export`: the model users would run elsewhere
+        ours.save_pretrained(f"{d}/tinylm")
+        export(f"{d}/tinylm", f"{d}/hf")
+        hf = AutoModelForCausalLM.from_pretrained(f"{d}/hf", dtype=torch.float32).eval()
     ours, hf = ours.to(dtype), hf.to(dtype)
     x = torch.randint(10, len(tok), (1, 32))
     with torch.no_grad():

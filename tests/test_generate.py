@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -14,7 +15,10 @@ from tinylm.generate import (
     SamplingParams,
     StopStringFilter,
     ThinkSplitter,
+    apply_frequency_presence,
     apply_repetition_penalty,
+    context_length,
+    enable_yarn,
     generate,
     sample_token,
     stream,
@@ -36,9 +40,9 @@ def tiny_model(vocab: int, seed: int = 0, **kw):
     from tinylm.model import TinyLMForCausalLM
 
     torch.manual_seed(seed)
-    cfg = preset_config("tiny", vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                        eos_token_id=[2, 0], **kw)
+    cfg = preset_config("tiny", **{**dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                          eos_token_id=[2, 0]), **kw})
     return TinyLMForCausalLM(cfg).eval()
 
 
@@ -183,21 +187,26 @@ def test_incremental_detokenizer_utf8(tok):
 
 
 class ScriptedLM(nn.Module):
-    """A fake transformers-style causal LM that emits a fixed token script (exercises the fallback runner)."""
+    """A fake transformers-style causal LM that emits a fixed token script (exercises the fallback runner).
 
-    def __init__(self, script: list[int], vocab: int) -> None:
+    `delay` seconds per forward make it slow enough to watch streaming, stop it or disconnect mid-answer.
+    """
+
+    def __init__(self, script: list[int], vocab: int, delay: float = 0.0) -> None:
         from transformers import LlamaConfig
 
         super().__init__()
         self.config = LlamaConfig(vocab_size=vocab, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
                                   num_attention_heads=1, max_position_embeddings=256, eos_token_id=2)
         self.lm_head = nn.Linear(1, vocab, bias=False)
-        self.script = script
+        self.script, self.delay = script, delay
 
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
     def forward(self, input_ids, **kw):
+        if self.delay:
+            time.sleep(self.delay)
         # The "cache" only counts tokens: p = prompt length (first call), n = tokens seen.
         past = kw.get(CACHE_FIELD)
         p = getattr(past, "p", input_ids.shape[1])
@@ -253,3 +262,85 @@ def test_think_split(tok):
     s = ThinkSplitter(in_think=True)
     parts = [s.push(c) for c in "abc</th" "ink>\nDone <thi"] + [s.flush()]
     assert "".join(r for r, _ in parts) == "abc" and "".join(c for _, c in parts) == "Done <thi"
+
+
+def test_leading_whitespace_only_stripped_after_think(tok):
+    """An answer's own indentation survives; only the blank lines right after </think> go."""
+    code = "    indented()\n  next"
+    deltas, _ = run_script(tok, [code, 2], SamplingParams(temperature=0), split_think=True)
+    assert "".join(d.content for d in deltas) == code
+    deltas, _ = run_script(tok, [3, "hmm", 4, "\n\n  x = 1", 2], SamplingParams(temperature=0), split_think=True)
+    assert "".join(d.content for d in deltas) == "x = 1"
+    s = ThinkSplitter()
+    parts = [s.push(c) for c in ("\n", " Hi ", "<think>a</thi", "nk>", "\n", "\n", " B")] + [s.flush()]
+    assert "".join(c for _, c in parts) == "\n Hi B" and "".join(r for r, _ in parts) == "a"
+
+
+# ---------------------------------------------------------------------------------------------
+# Frequency / presence penalties (OpenAI semantics), checked by hand.
+# ---------------------------------------------------------------------------------------------
+def test_frequency_presence_penalty_by_hand():
+    logits = torch.tensor([1.0, 3.0, 2.0, -1.0, 0.5])
+    counts = torch.tensor([0.0, 2.0, 1.0, 0.0, 0.0])
+    # mu[j] - c[j] * frequency - (c[j] > 0) * presence
+    expected = torch.tensor([1.0, 3.0 - 2 * 0.5 - 0.4, 2.0 - 0.5 - 0.4, -1.0, 0.5])
+    torch.testing.assert_close(apply_frequency_presence(logits, counts, 0.5, 0.4), expected)
+    greedy = SamplingParams(temperature=0, frequency_penalty=1.0, presence_penalty=0.4)
+    assert sample_token(logits, greedy, counts=counts) == 0  # 1.0 > 3 - 2 - 0.4 = 0.6 and 2 - 1 - 0.4 = 0.6
+    assert sample_token(logits, SamplingParams(temperature=0), counts=counts) == 1  # off unless asked
+    assert sample_token(logits, SamplingParams(temperature=0, presence_penalty=-2.0), counts=counts) == 1
+    for bad in (dict(frequency_penalty=2.5), dict(presence_penalty=-2.01)):
+        with pytest.raises(ValueError, match="penalty"):
+            SamplingParams(**bad).validate()
+
+
+def test_frequency_presence_penalty_in_decoding(model, tok):
+    """Batched decoding with penalties equals a hand-written loop; only generated tokens are counted."""
+    ids = tok.encode(PROMPTS[1], add_special_tokens=False)
+    freq, pres, n = 1.5, 0.7, 10
+    x, counts, ref = torch.tensor([ids]), torch.zeros(model.config.vocab_size), []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(x, use_cache=False).logits[0, -1].float()
+            nxt = int((logits - freq * counts - pres * (counts > 0).float()).argmax())
+            ref.append(nxt)
+            counts[nxt] += 1
+            x = torch.cat([x, torch.tensor([[nxt]])], dim=1)
+    params = SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True, frequency_penalty=freq,
+                            presence_penalty=pres)
+    out = generate(model, tok, [ids, PROMPTS[0]], params, max_batch=2)
+    assert out[0].token_ids == ref
+    plain = generate(model, tok, [ids], GREEDY)[0].token_ids[:n]
+    assert plain != ref, "the penalties must change this greedy answer (else the test proves nothing)"
+
+
+# ---------------------------------------------------------------------------------------------
+# YaRN: one context-length helper, decoding past the trained length.
+# ---------------------------------------------------------------------------------------------
+def test_yarn_factor_decodes_past_the_trained_length(tok):
+    from transformers import LlamaConfig
+
+    from tinylm.config import TinyLMConfig
+    from tinylm.config import context_length as config_context_length
+
+    model = tiny_model(len(tok), max_position_embeddings=32)
+    ids = tok.encode(PROMPTS[3], add_special_tokens=False)
+    capped = generate(model, tok, [ids], SamplingParams(max_new_tokens=60, temperature=0, ignore_eos=True))[0]
+    assert BatchGenerator(model, tok).max_seq_len == 32 and len(ids) + len(capped.token_ids) == 33
+    enable_yarn(model, 4.0)  # after a forward: the cached RoPE frequencies must be rebuilt
+    assert context_length(model) == 128 and BatchGenerator(model, tok, max_batch=1).max_seq_len == 128
+    assert (model.config.yarn_factor, model.config.yarn_original_max_position) == (4.0, 32)
+    out = generate(model, tok, [ids], SamplingParams(max_new_tokens=60, temperature=0, ignore_eos=True))[0]
+    assert len(ids) + len(out.token_ids) == len(ids) + 60 > 32
+    assert out.token_ids == full_forward_greedy(model, ids, 60)  # cached decode = full forwards past 32
+    built = tiny_model(len(tok), max_position_embeddings=32, yarn_factor=4.0)  # same weights, YaRN from the start
+    x = torch.tensor([ids + out.token_ids])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, built(x).logits)
+        assert not torch.allclose(model(x).logits, tiny_model(len(tok), max_position_embeddings=32)(x).logits)
+    # The helper: trained x factor for tinylm, max_position_embeddings for HF configs (already extended).
+    assert config_context_length(TinyLMConfig(max_position_embeddings=128, yarn_factor=4,
+                                              yarn_original_max_position=32)) == 128
+    assert config_context_length(LlamaConfig(max_position_embeddings=77)) == 77
+    with pytest.raises(ValueError):
+        enable_yarn(model, 0.5)

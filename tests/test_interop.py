@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 import tinylm
 from tinylm.config import TinyLMConfig
 from tinylm.hf_compat import cache_kwargs, output_cache
-from tinylm.interop import add_cli, choose_arch, export, import_hf, model_info
+from tinylm.interop import add_cli, choose_arch, export, import_hf, init_model, model_info
 
 TOL = 1e-4
 BASE = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
@@ -39,7 +39,7 @@ CASES = {  # name -> (config overrides, expected transformers class)
                   "Qwen2MoeForCausalLM"),
     "llama_yarn": (dict(qk_norm=False, yarn_factor=4.0, yarn_original_max_position=16), "LlamaForCausalLM"),
 }
-PARITY = ["llama", "qwen3", "dots1"]  # the three headline mappings get the full cache/padding/generate checks
+PARITY = list(CASES)  # every mapping gets the full cache / padding / generate checks
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
@@ -330,6 +330,12 @@ def test_init_preset_loadable(tmp_path, capsys):
     assert isinstance(model, tinylm.TinyLMForCausalLM) and model.config.vocab_size == 96
     assert model.generation_config.eos_token_id == [2, 0]
     assert AutoTokenizer.from_pretrained(tmp_path / "m").eos_token == "<|im_end|>"
+    # the bundled tokenizer (default): the ChatML template lives in tokenizer_config.json itself
+    init_model("tiny", tmp_path / "b", num_hidden_layers=1)
+    tok_cfg = json.loads((tmp_path / "b" / "tokenizer_config.json").read_text())
+    assert "<|im_start|>" in tok_cfg["chat_template"] and tok_cfg["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert not {"is_local", "local_files_only", "extra_special_tokens"} & set(tok_cfg)
+    assert not (tmp_path / "b" / "chat_template.jinja").exists()
 
 
 @pytest.mark.parametrize("name", ["llama", "dots1"])

@@ -172,12 +172,51 @@ def test_config_errors(tmp_path):
         TinyLMConfig(**{**BASE, "num_attention_heads": 5})
     with pytest.raises(ValueError, match="num_key_value_heads"):
         TinyLMConfig(**{**BASE, "num_key_value_heads": 3})
+    with pytest.raises(ValueError, match="rms_norm_eps must be > 0"):
+        TinyLMConfig(**{**BASE, "rms_norm_eps": -1.0})
+    with pytest.raises(ValueError, match="num_hidden_layers must be a positive integer"):
+        TinyLMConfig(**{**BASE, "num_hidden_layers": True})
     from tinylm.loading import load_model
 
     with pytest.raises(FileNotFoundError):
         load_model(str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_model(str(tmp_path))
+
+
+def test_missing_or_broken_files_are_named(tmp_path):
+    """Every broken model directory gives one line naming the file, through the CLI too (exit 2)."""
+    import shutil
+
+    from tinylm.cli import main
+    from tinylm.interop import init_model
+    from tinylm.loading import load_model
+
+    good = tmp_path / "good"
+    init_model("tiny", good, num_hidden_layers=1, hidden_size=64, intermediate_size=128)
+
+    def broken(name: str, edit) -> str:
+        d = tmp_path / name
+        shutil.copytree(good, d)
+        edit(d)
+        return str(d)
+
+    cases = {
+        broken("no_weights", lambda d: (d / "model.safetensors").unlink()): (FileNotFoundError, "no weights"),
+        broken("bad_config", lambda d: (d / "config.json").write_text('{"model_type": "tinylm",\n  oops}')):
+            (ValueError, r"config.json:2: invalid JSON"),
+        broken("no_tok_json", lambda d: (d / "tokenizer.json").unlink()): (FileNotFoundError, "no tokenizer.json"),
+        broken("bad_tok_cfg", lambda d: (d / "tokenizer_config.json").write_text("{")):
+            (ValueError, "tokenizer_config.json:1: invalid JSON"),
+        broken("truncated", lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:100])):
+            (ValueError, "truncated weights .model.safetensors"),
+    }
+    for path, (err, msg) in cases.items():
+        with pytest.raises(err, match=msg):
+            load_model(path)
+    assert main(["info", str(good)]) == 0
+    for path in cases:
+        assert main(["chat", path, "--prompt", "hi"]) == 2, path
 
 
 def test_count_parameters_matches_module():
@@ -203,6 +242,12 @@ def test_save_load_round_trip_and_auto_classes(tmp_path):
     tied.save_pretrained(tmp_path / "tied")
     t2 = AutoModelForCausalLM.from_pretrained(tmp_path / "tied")
     assert t2.lm_head.weight.data_ptr() == t2.model.embed_tokens.weight.data_ptr()
+
+
+def test_transformers_static_cache_is_refused_clearly():
+    model, x = make(), ids(1, 5)
+    with pytest.raises(ValueError, match="own static cache"):
+        model.generate(x, max_new_tokens=3, do_sample=False, cache_implementation="static")
 
 
 def test_generate_honours_length_and_eos():

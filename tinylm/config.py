@@ -118,7 +118,13 @@ class TinyLMConfig(PretrainedConfig):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
             v = getattr(self, name)
-            need(isinstance(v, int) and v > 0, f"{name} must be a positive integer, got {v!r}")
+            need(isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                 f"{name} must be a positive integer, got {v!r}")
+        for name in ("rms_norm_eps", "initializer_range"):
+            v = getattr(self, name)
+            need(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, f"{name} must be > 0, got {v!r}")
+        need(0.0 <= self.attention_dropout < 1.0, f"attention_dropout must be in [0, 1), got {self.attention_dropout}")
+        need(isinstance(self.head_dim, int) and self.head_dim > 0, f"head_dim must be a positive integer, got {self.head_dim!r}")
         need(self.hidden_size % self.num_attention_heads == 0,
              f"num_attention_heads={self.num_attention_heads} does not divide hidden_size={self.hidden_size}")
         need(self.num_attention_heads % self.num_key_value_heads == 0,
@@ -142,6 +148,21 @@ class TinyLMConfig(PretrainedConfig):
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         return self.num_experts > 0 and layer_idx >= self.first_k_dense_replace
+
+
+def context_length(config: Any) -> int:
+    """Positions a model can use at inference: `yarn_factor * yarn_original_max_position` with YaRN.
+
+    One definition for generate / engine / server / chat. tinylm keeps `max_position_embeddings`
+    as the trained length when YaRN is switched on at inference (`--yarn-factor`), while
+    transformers configs (and tinylm models imported from them) already store the extended
+    length there; taking the larger of the two is right for both. Works for any HF config.
+    """
+    n = int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048)
+    factor = float(getattr(config, "yarn_factor", 1.0) or 1.0)
+    if factor > 1.0:
+        n = max(n, int(factor * (getattr(config, "yarn_original_max_position", None) or n)))
+    return n
 
 
 # Presets: named shapes. `small` is MiniMind's 512-wide model, so speed comparisons are like for like.

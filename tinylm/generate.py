@@ -6,7 +6,7 @@ How a reply is produced (the same code path for `tinylm chat`, `tinylm generate`
 2. **Decode**: one new token per step per sequence. Only the newest token is fed; attention reads
    the cached keys/values, and `logits_to_keep=1` skips the vocabulary projection of old positions.
 3. **Sample** the next token from the last logits: repetition penalty (CTRL, Keskar et al. 2019),
-   temperature, top-k (Fan et al. 2018), nucleus / top-p (Holtzman et al. 2020); temperature 0 is greedy.
+   OpenAI's frequency / presence penalties, temperature, top-k (Fan et al. 2018), nucleus / top-p (Holtzman et al. 2020); temperature 0 is greedy.
 4. **Detokenise incrementally**: a byte-level BPE token can hold half of a UTF-8 character (a Chinese
    character or an emoji often spans 2-4 tokens), so text is only released once it decodes cleanly.
 5. **Stop** on an end-of-turn / EOS token, on a stop string (text that *could* be the start of a stop
@@ -45,6 +45,10 @@ class SamplingParams:
         top_k: keep only the k most likely tokens (0 = off).
         top_p: keep the smallest set of tokens whose probability mass reaches p (1.0 = off).
         repetition_penalty: CTRL penalty on tokens already in prompt or output (1.0 = off).
+        frequency_penalty: OpenAI's: subtract penalty * count from the logit of every token already
+            generated (prompt tokens do not count), so long answers stop repeating; range [-2, 2].
+        presence_penalty: OpenAI's: subtract penalty once from every token generated at least once
+            (pushes toward new topics); range [-2, 2].
         seed: per-request seed, so a sampled answer is reproducible whatever else is in the batch.
         stop: stop strings; generation ends *before* them and they are never returned.
         stop_token_ids: extra token ids that end generation (the model's EOS / end-of-turn always do).
@@ -56,6 +60,8 @@ class SamplingParams:
     top_k: int = 0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
@@ -72,10 +78,18 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalised(self) -> bool:
+        """Whether logits depend on the tokens seen so far (no batched argmax shortcut then)."""
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,6 +99,12 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     """CTRL penalty: for tokens seen before, divide positive logits by `penalty`, multiply negative ones."""
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
+
+
+def apply_frequency_presence(logits: torch.Tensor, counts: torch.Tensor, frequency: float,
+                             presence: float) -> torch.Tensor:
+    """OpenAI's penalties: logits - frequency * count - presence * (count > 0), counts over generated tokens."""
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -108,11 +128,13 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
-                 seen: torch.Tensor | None = None) -> int:
-    """Pick one token id from logits (V,)."""
+                 seen: torch.Tensor | None = None, counts: torch.Tensor | None = None) -> int:
+    """Pick one token id from logits (V,); `seen` (bool) and `counts` (generated-token counts) feed the penalties."""
     logits = logits.float()
     if params.repetition_penalty != 1.0 and seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if (params.frequency_penalty or params.presence_penalty) and counts is not None:
+        logits = apply_frequency_presence(logits, counts, params.frequency_penalty, params.presence_penalty)
     if params.greedy:
         return int(logits.argmax())
     logits = top_p_filter(top_k_filter(logits / params.temperature, params.top_k), params.top_p)
@@ -202,7 +224,7 @@ class ThinkSplitter:
     def __init__(self, in_think: bool = False) -> None:
         self.in_think = in_think
         self.buffer = ""
-        self.started_content = False
+        self.after_close = False  # just left a think block: drop the blank lines models put there
 
     def push(self, text: str) -> tuple[str, str]:
         """Return (reasoning, content) deltas."""
@@ -212,25 +234,31 @@ class ThinkSplitter:
             tag = THINK_CLOSE if self.in_think else THINK_OPEN
             i = self.buffer.find(tag)
             if i >= 0:
-                (reasoning if self.in_think else content).append(self.buffer[:i])
+                self._add(self.buffer[:i], reasoning, content)
                 self.buffer = self.buffer[i + len(tag):]
+                self.after_close = self.in_think
                 self.in_think = not self.in_think
                 continue
             cut = len(self.buffer) - _partial_suffix(self.buffer, tag)
-            (reasoning if self.in_think else content).append(self.buffer[:cut])
+            self._add(self.buffer[:cut], reasoning, content)
             self.buffer = self.buffer[cut:]
             break
-        return self._clean("".join(reasoning), "".join(content))
+        return "".join(reasoning), "".join(content)
 
     def flush(self) -> tuple[str, str]:
         out, self.buffer = self.buffer, ""
-        return self._clean(out if self.in_think else "", "" if self.in_think else out)
+        reasoning, content = [], []
+        self._add(out, reasoning, content)
+        return "".join(reasoning), "".join(content)
 
-    def _clean(self, reasoning: str, content: str) -> tuple[str, str]:
-        if not self.started_content:  # drop the blank lines models put after </think>
-            content = content.lstrip()
-            self.started_content = bool(content)
-        return reasoning, content
+    def _add(self, text: str, reasoning: list[str], content: list[str]) -> None:
+        if self.in_think:
+            reasoning.append(text)
+            return
+        if self.after_close:  # only right after </think>: an answer's own leading spaces are kept
+            text = text.lstrip()
+            self.after_close = not text
+        content.append(text)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,6 +291,7 @@ class Sequence:
         self.think = ThinkSplitter(in_think) if split_think else None
         self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         self.seen: torch.Tensor | None = None  # (V,) bool, for the repetition penalty
+        self.counts: torch.Tensor | None = None  # (V,) float, generated-token counts (frequency/presence)
         self.on_delta = on_delta
         self.content, self.reasoning = "", ""
         self.finish_reason: str | None = None
@@ -286,6 +315,8 @@ class Sequence:
         self.output_ids.append(token)
         if self.seen is not None:
             self.seen[token] = True
+        if self.counts is not None:
+            self.counts[token] += 1
         if token in self.stop_ids:
             return self.finish("stop")
         text, hit = self.stops.push(self.detok.add(token))
@@ -390,8 +421,33 @@ class DynamicRunner:
 
 
 def context_length(model) -> int:
+    """Tokens a sequence may hold (prompt + answer); YaRN-extended when the config enables it."""
+    from tinylm.config import context_length as config_context_length
+
+    return config_context_length(model.config)
+
+
+def enable_yarn(model, factor: float):
+    """Run a tinylm model at `factor` x its trained context with YaRN (inference only); returns it.
+
+    The trained length becomes `yarn_original_max_position` (kept if the model already uses YaRN,
+    e.g. one imported from transformers). Factor 1 leaves the model unchanged.
+    """
+    if factor == 1.0:
+        return model
+    if factor < 1.0:
+        raise ValueError(f"--yarn-factor must be >= 1, got {factor}")
+    if not is_tinylm(model):
+        raise ValueError("--yarn-factor works for tinylm models; for a transformers model set "
+                         "rope_scaling / rope_parameters in its config.json")
     cfg = model.config
-    return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048)
+    if cfg.yarn_factor <= 1.0:
+        cfg.yarn_original_max_position = cfg.max_position_embeddings
+    cfg.yarn_factor = float(factor)
+    for m in model.modules():  # RoPE frequencies are cached on first use
+        if hasattr(m, "_rope_cache"):
+            m._rope_cache = None
+    return model
 
 
 def stop_token_ids(model, tokenizer) -> set[int]:
@@ -457,11 +513,11 @@ class BatchGenerator:
     def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Sample one token per sequence from logits (b, V) and advance them."""
         logits = logits.float()
-        if all(s.params.greedy and s.params.repetition_penalty == 1.0 for s in seqs):
+        if all(s.params.greedy and not s.params.penalised for s in seqs):
             tokens = logits.argmax(dim=-1).tolist()  # one op for the whole batch
         else:
             logits = logits.cpu()  # per-row sampling is cheaper on CPU than many tiny GPU kernels
-            tokens = [sample_token(row, s.params, s.generator, s.seen) for row, s in zip(logits, seqs)]
+            tokens = [sample_token(row, s.params, s.generator, s.seen, s.counts) for row, s in zip(logits, seqs)]
         for s, tok in zip(seqs, tokens):
             # room_left: can the new token still be fed (it needs one more cache slot)?
             s.append(tok, room_left=len(s.prompt_ids) + len(s.output_ids) < self.max_seq_len)
@@ -473,11 +529,15 @@ class BatchGenerator:
         admitted: list[Sequence] = []
         while self.waiting and self.free_rows:
             seq = self.waiting.popleft()
+            if seq.finished:  # cancelled while it waited
+                continue
             seq.row = self.free_rows.pop()
             self.running[seq.row] = seq
             if seq.params.repetition_penalty != 1.0:
                 seq.seen = torch.zeros(self.vocab_size, dtype=torch.bool)
                 seq.seen[torch.tensor(seq.prompt_ids)] = True
+            if seq.params.frequency_penalty or seq.params.presence_penalty:
+                seq.counts = torch.zeros(self.vocab_size)
             admitted.append(seq)
         if admitted:
             logits = self.runner.prefill([s.row for s in admitted], [s.prompt_ids for s in admitted])

@@ -42,6 +42,9 @@ def gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype: 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tinylm.checkpoint import replace_dir
+    from tinylm.tokenizer import save_pretrained_portable
+
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise FileNotFoundError(f"{gguf_path}: GGUF file not found")
@@ -74,11 +77,9 @@ def gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype: 
     tmp.chmod(0o755)
     try:
         model.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
+        save_pretrained_portable(tokenizer, tmp)
         (tmp / "SOURCE.txt").write_text(f"converted from {name} by tinylm.hub.gguf_to_hf\n", encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

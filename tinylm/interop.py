@@ -61,15 +61,11 @@ def _copy_tokenizer(src: Path, dst: Path, portable: bool = False) -> list[str]:
         if (src / name).exists():
             shutil.copy2(src / name, dst / name)
             copied.append(name)
-    cfg_file = dst / "tokenizer_config.json"
-    if portable and cfg_file.exists():
-        # Spell the tokenizer config the way transformers 4.x also reads (5.x treats both the same).
-        cfg = json.loads(cfg_file.read_text())
-        if cfg.get("tokenizer_class") == "TokenizersBackend":
-            cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-        if isinstance(cfg.get("extra_special_tokens"), list):
-            cfg["additional_special_tokens"] = cfg.pop("extra_special_tokens")
-        cfg_file.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+    if portable and (dst / "tokenizer_config.json").exists():
+        from tinylm.tokenizer import make_tokenizer_config_portable
+
+        make_tokenizer_config_portable(dst)
+        copied = [n for n in copied if (dst / n).exists()]
     return copied
 
 
@@ -390,6 +386,7 @@ def init_model(preset: str, out_dir: str | Path, tokenizer: str | None = None, s
 
     from tinylm.config import preset_config
     from tinylm.loading import load_model
+    from tinylm.tokenizer import save_pretrained_portable
 
     preset_config(preset)  # unknown names: ValueError listing the presets
     model, tok = load_model(preset, tokenizer=tokenizer, seed=seed, **overrides)
@@ -403,7 +400,7 @@ def init_model(preset: str, out_dir: str | Path, tokenizer: str | None = None, s
     tmp = _staging_dir(out)
     try:
         model.save_pretrained(str(tmp))
-        tok.save_pretrained(str(tmp))
+        save_pretrained_portable(tok, tmp)
         _commit_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -27,6 +27,35 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
+
+
+def check_model_dir(path: Path) -> None:
+    """Name the missing or broken file before transformers fails somewhere deep inside."""
+    _read_json(path / "config.json")
+    weights = [f for f in WEIGHT_FILES if (path / f).exists()]
+    if not weights:
+        raise FileNotFoundError(f"{path}: no weights ({' / '.join(WEIGHT_FILES[:3])}); "
+                                "was the save interrupted, or is this only a config/tokenizer directory?")
+    if weights[0].endswith(".index.json"):
+        index = _read_json(path / weights[0])
+        missing = sorted({f for f in index.get("weight_map", {}).values() if not (path / f).exists()})
+        if missing:
+            raise FileNotFoundError(f"{path / weights[0]}: shard file(s) missing: {', '.join(missing[:4])}")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (path / name).exists():
+            _read_json(path / name)
+
+
 def load_tokenizer_for(spec: str, tokenizer: str | None = None):
     """Tokenizer from `tokenizer` if given, else from the model dir, else the bundled one."""
     from transformers import AutoTokenizer
@@ -37,7 +66,16 @@ def load_tokenizer_for(spec: str, tokenizer: str | None = None):
         return load_tokenizer(tokenizer)
     path = Path(spec)
     if path.is_dir() and any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        return AutoTokenizer.from_pretrained(str(path))
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if (path / name).exists():
+                _read_json(path / name)
+        if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+            raise FileNotFoundError(f"{path}: tokenizer_config.json but no tokenizer.json (or tokenizer.model / "
+                                    "vocab.json): the tokenizer files are incomplete")
+        try:
+            return AutoTokenizer.from_pretrained(str(path))
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"{path}: cannot load the tokenizer: {e}") from None
     if path.is_dir():
         raise FileNotFoundError(f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json); pass a tokenizer dir")
     return load_tokenizer(None)
@@ -70,12 +108,17 @@ def load_model(spec: str, dtype: str | torch.dtype | None = None, device: str | 
             return load_model_with_adapter(path, dtype=torch_dtype, device=device)
         if not config_file.exists():
             raise FileNotFoundError(f"{path}: not a model directory (no config.json)")
-        try:
-            json.loads(config_file.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config_file}: invalid JSON ({e})") from None
+        check_model_dir(path)
         tok = load_tokenizer_for(spec, tokenizer)
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype or "auto")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype or "auto")
+        except OSError as e:
+            raise ValueError(f"{path}: cannot load the model: {e}") from None
+        except Exception as e:  # safetensors reports a truncated/corrupt file as its own error type
+            if type(e).__name__ != "SafetensorError":
+                raise
+            files = ", ".join(f for f in WEIGHT_FILES if (path / f).exists())
+            raise ValueError(f"{path}: corrupt or truncated weights ({files}): {e}") from None
         if torch_dtype is None and model.dtype == torch.float16 and (device is None or str(device) == "cpu"):
             model = model.float()  # fp16 matmuls are slow/unsupported on CPU
     else:

@@ -273,6 +273,11 @@ class TinyLMModel(TinyLMPreTrainedModel):
             if attention_mask is not None:  # right-padded new tokens
                 token_mask = attention_mask
         else:
+            if getattr(cache, "is_compileable", False):  # transformers' StaticCache & co
+                raise ValueError(
+                    "tinylm models decode with their own static cache (tinylm.generate, `tinylm chat/serve`); "
+                    "transformers' cache_implementation='static' is not supported: use the default dynamic "
+                    "cache, or `tinylm export` the model to a native transformers class")
             past = cache.get_seq_length() if cache is not None else 0
             positions = position_ids if position_ids is not None else torch.arange(past, past + t, device=device)[None]
             mask = None  # pure causal: SDPA's is_causal fast path

@@ -9,10 +9,13 @@ A reasoning model answers in two parts, as DeepSeek-R1 (2025) made popular:
     ...final answer...
     </answer>
 
-The four tags are single special tokens of the bundled tokenizer (ids 3..6), so a model learns
-the structure quickly if the tag positions matter more in the loss. MiniMind's reasoning
-distillation multiplies the loss on those tokens by 10; `tag_weighted_loss` does the same with a
-configurable weight (`tag_weight`, 10 by default, 1 = plain SFT).
+A model learns the structure quickly if the tag positions matter more in the loss. MiniMind's
+reasoning distillation multiplies the loss on the tag tokens by 10; `tag_weighted_loss` does the
+same with a configurable weight (`tag_weight`, 10 by default, 1 = plain SFT). The four tags are
+single special tokens of the bundled tokenizer (ids 3..6): then a token-id test is enough. Other
+tokenizers split them (SmolLM2: `<think>` = `<`, `think`, `>`, and BPE merges may glue a tag's
+`>` to the next newline), so `TagSpans` finds the tags in the decoded text and weights every
+token that overlaps a tag - the same rule for any tokenizer.
 
 At inference the user may want to see the thinking or only the answer: `split_thinking` parses a
 completion into `(reasoning, answer)` and tolerates a missing or unfinished block, so a chat UI
@@ -76,25 +79,71 @@ def split_thinking(text: str) -> tuple[str, str]:
     return reasoning.strip(), rest.strip()
 
 
-def tag_token_ids(tokenizer) -> list[int]:
-    """Ids of the four reasoning tags; each must be ONE token (a special token) of `tokenizer`."""
+def tag_token_ids(tokenizer) -> list[int] | None:
+    """Ids of the four reasoning tags when each is ONE token of `tokenizer` (the bundled tokenizer), else None."""
     ids = []
     for tag in TAGS:
         enc = tokenizer.encode(tag, add_special_tokens=False)
         if len(enc) != 1:
-            raise ValueError(
-                f"reasoning tag {tag!r} is {len(enc)} tokens for this tokenizer; it must be a single special "
-                "token (the bundled tokenizer has it; for another tokenizer add it with add_special_tokens)")
+            return None
         ids.append(enc[0])
     return ids
 
 
+class TagSpans:
+    """Marks every token that overlaps a reasoning tag, for tokenizers where tags are several tokens.
+
+    Each token id is decoded once on its own (cached); a row's pieces are concatenated, the tags
+    are searched in that string, and a token is marked when its characters overlap a tag. The
+    search runs on the concatenated pieces themselves, so the character -> token map is exact even
+    where a piece is not valid text alone (a split UTF-8 character decodes to U+FFFD). Equivalent
+    to the tokenizer's offset mapping on the original text (tests/test_reasoning.py), but works on
+    the token ids the data pipeline caches, which carry no offsets.
+    """
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.pieces: dict[int, str] = {}
+
+    def _piece(self, i: int) -> str:
+        p = self.pieces.get(i)
+        if p is None:
+            p = self.pieces[i] = self.tokenizer.decode([i], skip_special_tokens=False,
+                                                       clean_up_tokenization_spaces=False)
+        return p
+
+    def mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids (B, T) -> bool (B, T): True on every token overlapping <think>, </think>, <answer>, </answer>."""
+        import bisect
+
+        rows = input_ids.tolist()
+        out = torch.zeros(len(rows), len(rows[0]) if rows else 0, dtype=torch.bool)
+        for b, row in enumerate(rows):
+            pieces = [self._piece(t) for t in row]
+            starts, pos = [], 0
+            for p in pieces:
+                starts.append(pos)
+                pos += len(p)
+            text = "".join(pieces)
+            for tag in TAGS:
+                i = text.find(tag)
+                while i >= 0:
+                    first = bisect.bisect_right(starts, i) - 1             # token holding the tag's first char
+                    last = bisect.bisect_right(starts, i + len(tag) - 1) - 1  # ... and its last char
+                    out[b, first:last + 1] = True
+                    i = text.find(tag, i + len(tag))
+        return out.to(input_ids.device)
+
+
 def tag_weighted_loss(
-    logits: torch.Tensor, labels: torch.Tensor, tag_ids: list[int] | torch.Tensor, tag_weight: float = 10.0,
+    logits: torch.Tensor, labels: torch.Tensor, tag_ids: list[int] | torch.Tensor | None = None,
+    tag_weight: float = 10.0, tag_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
-    """Next-token CE where targets that are reasoning tags count `tag_weight` times.
+    """Next-token CE where targets that are reasoning-tag tokens count `tag_weight` times.
 
     logits (B, T, V), labels (B, T) with -100 for unsupervised positions (unshifted, HF convention).
+    The tag tokens are given either as `tag_ids` (single-token tags) or as `tag_mask` (B, T) bool,
+    aligned with labels (True on every token of a tag span, see `TagSpans`).
     Returns (loss_sum, n_tokens): the weighted sum over supervised targets and their count, so
     loss_sum / n_tokens equals plain mean CE when tag_weight == 1.
     """
@@ -103,24 +152,37 @@ def tag_weighted_loss(
     valid = targets != -100
     ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
                          ignore_index=-100, reduction="none").view_as(targets)  # (B, T-1)
-    tag_ids = torch.as_tensor(tag_ids, device=targets.device)
-    w = torch.where(torch.isin(targets, tag_ids), float(tag_weight), 1.0) * valid  # (B, T-1)
+    if tag_mask is not None:
+        is_tag = tag_mask[:, 1:].to(targets.device)
+    elif tag_ids is not None:
+        is_tag = torch.isin(targets, torch.as_tensor(tag_ids, device=targets.device))
+    else:
+        raise ValueError("tag_weighted_loss needs tag_ids or tag_mask")
+    w = torch.where(is_tag, float(tag_weight), 1.0) * valid  # (B, T-1)
     return (ce * w).sum(), int(valid.sum())
 
 
 class ReasonObjective(SFTObjective):
-    """Stage `reason`: SFT on think/answer chats with the tag tokens weighted `reason.tag_weight` times."""
+    """Stage `reason`: SFT on think/answer chats with the tag tokens weighted `reason.tag_weight` times.
+
+    Works with any tokenizer: single-token tags are found by id, multi-token ones by `TagSpans`.
+    """
 
     def setup(self, model, tokenizer, cfg, device) -> None:
         super().setup(model, tokenizer, cfg, device)
         self.tag_weight = float(cfg.reason.tag_weight)
         if self.tag_weight < 0:
             raise ValueError(f"config: reason.tag_weight must be >= 0, got {self.tag_weight}")
-        self.tag_ids = tag_token_ids(tokenizer)
+        self.tag_ids = tag_token_ids(tokenizer)  # fast path: one token per tag (bundled tokenizer)
+        self.tag_spans = None if self.tag_ids is not None else TagSpans(tokenizer)
 
     def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, dict[str, float]]:
         out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
-        loss_sum, n = tag_weighted_loss(out.logits, batch["labels"], self.tag_ids, self.tag_weight)
+        if self.tag_spans is not None:
+            loss_sum, n = tag_weighted_loss(out.logits, batch["labels"], tag_weight=self.tag_weight,
+                                            tag_mask=self.tag_spans.mask(batch["input_ids"]))
+        else:
+            loss_sum, n = tag_weighted_loss(out.logits, batch["labels"], self.tag_ids, self.tag_weight)
         aux = getattr(out, "aux_loss", None)
         if aux is not None and aux.requires_grad:
             loss_sum = loss_sum + aux * n

@@ -6,18 +6,24 @@ Any OpenAI client (the `openai` Python package, LangChain, Open-WebUI, FastGPT, 
     POST /v1/chat/completions       messages -> reply (JSON, or Server-Sent Events with "stream": true)
     POST /v1/completions            raw prompt -> continuation
     GET  /health                    liveness + queue sizes (no key needed)
-    GET  /                          the web page (tinylm/web/index.html, no CDN, works offline)
+    GET  /                          the web page (tinylm/web/index.html + chat.js, no CDN, works offline)
 
 The handlers only validate and format; the model lives in one `tinylm.engine.Engine` thread that
 batches all requests together (continuous batching). Errors use OpenAI's shape
 `{"error": {"message", "type", "param", "code"}}` so client libraries raise the right exception.
 Binds 127.0.0.1 by default: exposing a model to a network is an explicit choice (use --api-key).
+
+A client that goes away (closed tab, Ctrl-C, timeout) is noticed by a task that waits for the ASGI
+`http.disconnect` message from the moment its request is queued, independently of the token flow:
+its sequences are cancelled and the engine frees their KV-cache rows before its next decode step,
+whether the request was streaming or not, queued or mid-answer.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hmac
 import json
 import threading
@@ -90,8 +96,8 @@ def parse_params(body: dict, prompt_len: int, context: int, max_tokens_cap: int,
                        param="messages", code="context_length_exceeded")
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _number(body, name, None, 1, max_tokens_cap, integer=True)
-    if max_tokens is None:
-        max_tokens = min(default_max_tokens, room)
+    if max_tokens is None:  # the cap bounds the default too (a server's --default-max-tokens may exceed it)
+        max_tokens = min(default_max_tokens, max_tokens_cap, room)
     elif prompt_len + max_tokens > context:
         raise APIError(400, f"this model's context is {context} tokens; the prompt has {prompt_len} and "
                             f"{name}={max_tokens} asks for {prompt_len + max_tokens}. Reduce the prompt or {name}.",
@@ -103,14 +109,14 @@ def parse_params(body: dict, prompt_len: int, context: int, max_tokens_cap: int,
         stop = []
     if not isinstance(stop, list) or len(stop) > 16 or not all(isinstance(s, str) for s in stop):
         raise APIError(400, "'stop' must be a string or an array of at most 16 strings", param="stop")
-    for name_ in ("frequency_penalty", "presence_penalty"):  # accepted for compatibility, not applied
-        _number(body, name_, 0.0, -2.0, 2.0)
     params = SamplingParams(
         max_new_tokens=max_tokens,
         temperature=float(_number(body, "temperature", 1.0, 0.0, 2.0)),
         top_p=float(_number(body, "top_p", 1.0, 1e-6, 1.0)),
         top_k=_number(body, "top_k", 0, 0, 1 << 20, integer=True),
         repetition_penalty=float(_number(body, "repetition_penalty", 1.0, 0.01, 10.0)),
+        frequency_penalty=float(_number(body, "frequency_penalty", 0.0, -2.0, 2.0)),
+        presence_penalty=float(_number(body, "presence_penalty", 0.0, -2.0, 2.0)),
         seed=_number(body, "seed", None, -(1 << 63), (1 << 63) - 1, integer=True),
         stop=stop,
         ignore_eos=bool(body.get("ignore_eos", False)),  # vLLM extension (benchmarks)
@@ -131,7 +137,7 @@ def create_app(engine, model_name: str, api_key: str | None = None, max_tokens_c
                default_max_tokens: int = 1024, max_body_bytes: int = 1 << 20):
     """FastAPI app serving `engine` (already started) under the name `model_name`."""
     from fastapi import FastAPI
-    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     app = FastAPI(title="tinylm", docs_url=None, redoc_url=None, openapi_url=None)
@@ -179,9 +185,12 @@ def create_app(engine, model_name: str, api_key: str | None = None, max_tokens_c
                            param="model", code="model_not_found")
         return body
 
-    async def run_all(request: Request, jobs: list[tuple[list[int], SamplingParams]], split_think: bool,
-                      poll_disconnect: bool):
-        """Submit all jobs, yield (index, Delta, Sequence) as they arrive; cancel leftovers on exit."""
+    def submit(request: Request, jobs: list[tuple[list[int], SamplingParams]], split_think: bool):
+        """Queue all jobs now (a full queue is a 429 before any response starts); start the client watcher.
+
+        Returns (seqs, deltas queue, watcher task). Deltas arrive as (index, Delta); None means the
+        client is gone.
+        """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         seqs = []
@@ -201,22 +210,53 @@ def create_app(engine, model_name: str, api_key: str | None = None, max_tokens_c
             if isinstance(e, ValueError):
                 raise APIError(400, str(e), code="context_length_exceeded") from None
             raise
-        left = len(jobs)
+        return seqs, queue, asyncio.create_task(watch(request, seqs, queue))
+
+    async def watch(request: Request, seqs: list, queue: asyncio.Queue) -> None:
+        """Cancel `seqs` as soon as the client disconnects, whether or not tokens are flowing.
+
+        Waits on the ASGI receive channel (the body is already read, so the next message is
+        `http.disconnect`); the 1 s timeout only lets the task end by itself once every sequence
+        has finished, should nobody cancel it.
+        """
+        try:
+            while not all(s.finished for s in seqs):
+                try:
+                    message = await asyncio.wait_for(request.receive(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    continue
+                if message["type"] == "http.disconnect":
+                    break
+            else:
+                return
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the connection broke in some other way: the client is gone all the same
+            pass
+        for s in seqs:
+            engine.cancel(s)
+        queue.put_nowait(None)
+
+    async def events(seqs: list, queue: asyncio.Queue, watcher: asyncio.Task):
+        """Yield (index, Delta, Sequence) until all sequences finish or the client leaves; clean up on exit."""
+        left = len(seqs)
         try:
             while left:
-                try:
-                    i, d = await asyncio.wait_for(queue.get(), timeout=0.5 if poll_disconnect else None)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return
-                    continue
+                item = await queue.get()
+                if item is None:  # client gone (its sequences are already cancelled)
+                    return
+                i, d = item
                 if d.finish_reason is not None:
                     left -= 1
                 yield i, d, seqs[i]
         finally:
-            for s in seqs:
-                if not s.finished:
-                    engine.cancel(s)
+            release(seqs, queue, watcher)
+
+    def release(seqs: list, queue: asyncio.Queue, watcher: asyncio.Task) -> None:
+        watcher.cancel()
+        for s in seqs:
+            if not s.finished:
+                engine.cancel(s)
 
     def usage(seqs) -> dict:
         p = sum(len(s.prompt_ids) for s in seqs.values())
@@ -231,16 +271,22 @@ def create_app(engine, model_name: str, api_key: str | None = None, max_tokens_c
         obj = "chat.completion" if chat else "text_completion"
         base = {"id": rid, "object": obj + (".chunk" if chat and body.get("stream") else ""),
                 "created": int(time.time()), "model": model_name}
+        opts = body.get("stream_options") or {}
+        include_usage = isinstance(opts, dict) and bool(opts.get("include_usage"))
+        submitted = submit(request, jobs, split_think)
         if not body.get("stream"):
             texts, reasons, finish, seqs = {}, {}, {}, {}
-            async for i, d, s in run_all(request, jobs, split_think, poll_disconnect=True):
-                texts[i] = texts.get(i, "") + d.content
-                reasons[i] = reasons.get(i, "") + d.reasoning
-                seqs[i] = s
-                if d.finish_reason == "error":
-                    raise APIError(500, "generation failed", type="server_error")
-                if d.finish_reason:
-                    finish[i] = _finish(d.finish_reason)
+            async with contextlib.aclosing(events(*submitted)) as stream:
+                async for i, d, s in stream:
+                    texts[i] = texts.get(i, "") + d.content
+                    reasons[i] = reasons.get(i, "") + d.reasoning
+                    seqs[i] = s
+                    if d.finish_reason == "error":
+                        raise APIError(500, "generation failed", type="server_error")
+                    if d.finish_reason:
+                        finish[i] = _finish(d.finish_reason)
+            if len(finish) < len(jobs):  # the client left; nobody reads this
+                return Response(status_code=499)
             choices = []
             for i in range(len(jobs)):
                 if chat:
@@ -253,50 +299,46 @@ def create_app(engine, model_name: str, api_key: str | None = None, max_tokens_c
                                     "finish_reason": finish.get(i)})
             return JSONResponse({**base, "choices": choices, "usage": usage(seqs)})
 
-        opts = body.get("stream_options") or {}
-        include_usage = isinstance(opts, dict) and bool(opts.get("include_usage"))
-        events = run_all(request, jobs, split_think, poll_disconnect=False)
-        first = await anext(events)  # submit now, so a full queue is a 429 and not a broken stream
-
+        # Headers go out now, before the first token: a client waiting in the queue sees 200 at once.
         async def gen():
             seqs = {}
-            if chat:
-                for i in range(len(jobs)):
-                    yield sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                    "logprobs": None, "finish_reason": None}]})
-            elif any(echo):
-                for i, e in enumerate(echo):
-                    yield sse({**base, "choices": [{"index": i, "text": e, "logprobs": None, "finish_reason": None}]})
-
-            async def chained():
-                yield first
-                async for item in events:
-                    yield item
-
-            async for i, d, s in chained():
-                seqs[i] = s
-                if d.finish_reason == "error":
-                    yield sse(APIError(500, "generation failed", type="server_error").body())
-                    break
+            stream = events(*submitted)
+            try:
                 if chat:
-                    delta = {}
-                    if d.reasoning:
-                        delta["reasoning_content"] = d.reasoning
-                    if d.content:
-                        delta["content"] = d.content
-                    if delta:
-                        yield sse({**base, "choices": [{"index": i, "delta": delta, "logprobs": None,
+                    for i in range(len(jobs)):
+                        yield sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                        "logprobs": None, "finish_reason": None}]})
+                elif any(echo):
+                    for i, e in enumerate(echo):
+                        yield sse({**base, "choices": [{"index": i, "text": e, "logprobs": None,
                                                         "finish_reason": None}]})
-                    if d.finish_reason:
-                        yield sse({**base, "choices": [{"index": i, "delta": {}, "logprobs": None,
-                                                        "finish_reason": _finish(d.finish_reason)}]})
-                elif d.content or d.finish_reason:
-                    fr = _finish(d.finish_reason) if d.finish_reason else None
-                    yield sse({**base, "choices": [{"index": i, "text": d.content, "logprobs": None,
-                                                    "finish_reason": fr}]})
-            if include_usage:
-                yield sse({**base, "choices": [], "usage": usage(seqs)})
-            yield "data: [DONE]\n\n"
+                async for i, d, s in stream:
+                    seqs[i] = s
+                    if d.finish_reason == "error":
+                        yield sse(APIError(500, "generation failed", type="server_error").body())
+                        break
+                    if chat:
+                        delta = {}
+                        if d.reasoning:
+                            delta["reasoning_content"] = d.reasoning
+                        if d.content:
+                            delta["content"] = d.content
+                        if delta:
+                            yield sse({**base, "choices": [{"index": i, "delta": delta, "logprobs": None,
+                                                            "finish_reason": None}]})
+                        if d.finish_reason:
+                            yield sse({**base, "choices": [{"index": i, "delta": {}, "logprobs": None,
+                                                            "finish_reason": _finish(d.finish_reason)}]})
+                    elif d.content or d.finish_reason:
+                        fr = _finish(d.finish_reason) if d.finish_reason else None
+                        yield sse({**base, "choices": [{"index": i, "text": d.content, "logprobs": None,
+                                                        "finish_reason": fr}]})
+                if include_usage:
+                    yield sse({**base, "choices": [], "usage": usage(seqs)})
+                yield "data: [DONE]\n\n"
+            finally:  # also when the response is closed before `stream` started (its finally never runs)
+                await stream.aclose()
+                release(*submitted)
 
         return StreamingResponse(gen(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -355,11 +397,19 @@ def create_app(engine, model_name: str, api_key: str | None = None, max_tokens_c
                 echo.append(text)
         return await respond(request, body, jobs, split_think=False, chat=False, echo=echo)
 
+    # The page's script is a separate same-origin file, so the CSP allows no inline script at all:
+    # even if model text ever reached the DOM as markup, an injected <script> or onerror= would not run.
+    csp = {"Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+                                      "img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"}
+
     @app.get("/", response_class=HTMLResponse)
     async def index():
-        return HTMLResponse((WEB_DIR / "index.html").read_text(encoding="utf-8"),
-                            headers={"Content-Security-Policy": "default-src 'self'; script-src 'self' 'unsafe-inline'; "
-                                     "style-src 'self' 'unsafe-inline'; img-src 'self' data:"})
+        return HTMLResponse((WEB_DIR / "index.html").read_text(encoding="utf-8"), headers=csp)
+
+    @app.get("/chat.js")
+    async def chat_js():
+        return Response((WEB_DIR / "chat.js").read_text(encoding="utf-8"), media_type="text/javascript",
+                        headers={**csp, "Cache-Control": "no-cache"})
 
     return app
 
@@ -416,7 +466,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from tinylm.chat import load_for_inference
     from tinylm.engine import Engine
 
-    model, tokenizer = load_for_inference(args.model_dir, args.lora, args.dtype, args.device)
+    model, tokenizer = load_for_inference(args.model_dir, args.lora, args.dtype, args.device,
+                                          yarn_factor=args.yarn_factor)
     name = args.model_name or Path(args.model_dir.rstrip("/")).name or "tinylm"
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
                     max_seq_len=args.max_seq_len).start()
@@ -445,7 +496,10 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond that (then 429)")
     p.add_argument("--max-seq-len", type=int, default=None, help="KV cache length per sequence (default: context)")
     p.add_argument("--max-tokens-cap", type=int, default=4096, help="largest max_tokens accepted")
-    p.add_argument("--default-max-tokens", type=int, default=1024, help="max_tokens when a request gives none")
+    p.add_argument("--default-max-tokens", type=int, default=1024,
+                   help="max_tokens when a request gives none (never above --max-tokens-cap)")
+    p.add_argument("--yarn-factor", type=float, default=1.0,
+                   help="serve a tinylm model at this many times its trained context with YaRN (e.g. 4)")
     p.add_argument("--dtype", default="auto", help="auto | fp32 | bf16 | fp16")
     p.add_argument("--device", default=None, help="cpu | cuda | mps (default: cuda if available)")
     p.set_defaults(func=_cmd_serve)

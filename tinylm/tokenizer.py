@@ -166,28 +166,57 @@ def wrap_tokenizer(tok, model_max_length: int = DEFAULT_MAX_LENGTH):
     )
 
 
-def save_tokenizer(hf_tok, out_dir: str) -> None:
-    """save_pretrained, then make sure tokenizer_config.json itself holds the chat template."""
-    os.makedirs(out_dir, exist_ok=True)
-    hf_tok.save_pretrained(out_dir)
+def make_tokenizer_config_portable(out_dir: str | os.PathLike, chat_template: str | None = None,
+                                   extra: dict | None = None) -> None:
+    """Rewrite `out_dir/tokenizer_config.json` so every reader finds everything in that one file.
+
+    transformers 5.x's save_pretrained keeps the chat template in chat_template.jinja, writes
+    `tokenizer_class: TokenizersBackend` and a list under `extra_special_tokens`, and leaks loader
+    flags (`is_local`, `local_files_only`). transformers 4.x, llama.cpp's converter and serving
+    stacks expect the template inside tokenizer_config.json, a real class name and
+    `additional_special_tokens`. The tokenizer's own template is kept unless `chat_template` is given.
+    """
     cfg_path = os.path.join(out_dir, "tokenizer_config.json")
     with open(cfg_path, encoding="utf-8") as f:
         cfg = json.load(f)
-    cfg["chat_template"] = CHATML_TEMPLATE
-    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-    cfg["clean_up_tokenization_spaces"] = False
-    # transformers 4.x and 5.x both read `additional_special_tokens` (5.x writes a list under
-    # `extra_special_tokens`, which 4.x expects to be a dict): keep the portable spelling only
-    cfg.pop("extra_special_tokens", None)
-    cfg["additional_special_tokens"] = [t for t in SPECIAL_TOKENS if t not in ("<|im_end|>", "<|endoftext|>")]
+    jinja = os.path.join(out_dir, "chat_template.jinja")
+    if chat_template is not None:
+        cfg["chat_template"] = chat_template
+    elif os.path.exists(jinja) and not cfg.get("chat_template"):
+        with open(jinja, encoding="utf-8") as f:
+            cfg["chat_template"] = f.read()
+    if cfg.get("tokenizer_class") in (None, "TokenizersBackend"):
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    extra_special = cfg.pop("extra_special_tokens", None)
+    if isinstance(extra_special, list) and "additional_special_tokens" not in cfg:
+        cfg["additional_special_tokens"] = extra_special
+    for key in ("is_local", "local_files_only", "name_or_path"):
+        cfg.pop(key, None)
+    cfg.update(extra or {})
     tmp = cfg_path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(cfg, f, ensure_ascii=False, indent=2, sort_keys=True)
         f.write("\n")
     os.replace(tmp, cfg_path)
-    jinja = os.path.join(out_dir, "chat_template.jinja")
-    if os.path.exists(jinja):  # one source of truth: the config
+    if os.path.exists(jinja) and cfg.get("chat_template"):  # one source of truth: the config
         os.remove(jinja)
+
+
+def save_pretrained_portable(hf_tok, out_dir: str | os.PathLike) -> None:
+    """Any tokenizer's save_pretrained + `make_tokenizer_config_portable` (its own chat template kept)."""
+    os.makedirs(out_dir, exist_ok=True)
+    hf_tok.save_pretrained(str(out_dir))
+    make_tokenizer_config_portable(out_dir)
+
+
+def save_tokenizer(hf_tok, out_dir: str) -> None:
+    """Save tinylm's tokenizer: save_pretrained, then tokenizer_config.json holds the ChatML template,
+    the think/answer/tool special tokens and no tokenization-space clean-up (exact round trips)."""
+    os.makedirs(out_dir, exist_ok=True)
+    hf_tok.save_pretrained(out_dir)
+    make_tokenizer_config_portable(out_dir, CHATML_TEMPLATE, {
+        "clean_up_tokenization_spaces": False,
+        "additional_special_tokens": [t for t in SPECIAL_TOKENS if t not in ("<|im_end|>", "<|endoftext|>")]})
 
 
 def train_tokenizer(inputs: list[str] | Iterable[str], vocab_size: int, out_dir: str | None,

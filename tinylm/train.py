@@ -227,6 +227,7 @@ def save_final(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path, name
     """HF-format model directory with tokenizer + generation config, written atomically to out_dir/NAME
     (`final`, or `best`: the weights of the lowest validation loss). `info` goes to training_info.json."""
     from tinylm.checkpoint import replace_dir
+    from tinylm.tokenizer import save_pretrained_portable
 
     final = Path(out_dir) / name
     tmp = Path(tempfile.mkdtemp(dir=Path(out_dir), prefix=f".tmp_{name}_"))
@@ -240,7 +241,7 @@ def save_final(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path, name
         else:
             model.save_pretrained(str(tmp), safe_serialization=True)
         if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
+            save_pretrained_portable(tokenizer, tmp)
         if info:
             (tmp / "training_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         replace_dir(tmp, final)
