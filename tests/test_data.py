@@ -426,3 +426,62 @@ def test_txt_long_document_streamed_in_pieces(tmp_path, tok, monkeypatch):
     stream = np.concatenate([r for r, _ in rows]).tolist()
     assert stream.count(ds.eos_id) == 2 and stream[-1] == ds.eos_id
     assert tok.decode(stream) == d1 + "<|endoftext|>" + d2 + "<|endoftext|>"
+
+
+def test_invalid_utf8_is_one_bad_line(tmp_path, tok_dir, cli, capsys):
+    """A line that is not UTF-8 is reported with its line number and can be skipped like any bad record."""
+    good = json.dumps({"text": "héllo 你好"}, ensure_ascii=False).encode()
+    p = tmp_path / "bytes.jsonl"
+    p.write_bytes(b"\xef\xbb\xbf" + good + b"\n" + good + b"\n" + b'{"text": "caf\xe9"}\n' + good + b"\r\n")
+    with pytest.raises(DataError, match=r"bytes.jsonl:3: not valid UTF-8"):
+        list(iter_records(str(p)))
+    st = ReadStats()
+    recs = list(iter_records(str(p), skip_invalid=True, stats=st))
+    assert [r.line for r in recs] == [1, 2, 4] and recs[0].text == "héllo 你好"  # BOM dropped
+    assert [e.line for e in st.invalid] == [3]
+    txt = tmp_path / "bytes.txt"
+    txt.write_bytes(b"one line\r\n\xff\xfe broken\r\nlast line\r\n")
+    with pytest.raises(DataError, match=r"bytes.txt:2: not valid UTF-8"):
+        list(iter_records(str(txt)))
+    recs = list(iter_records(str(txt), skip_invalid=True, stats=ReadStats()))
+    assert "".join(r.text for r in recs) == "one line\nlast line\n"
+    arr = tmp_path / "bytes.json"
+    arr.write_bytes(b'[\n {"text": "a"},\n {"text": "\xc3"}\n]\n')
+    with pytest.raises(DataError, match=r"bytes.json:3: not valid UTF-8"):
+        list(iter_records(str(arr)))
+    assert cli(["data", "check", str(p), "--tokenizer", tok_dir]) == 1
+    out = capsys.readouterr().out
+    assert "3 valid records (text: 3), 1 invalid" in out and f"{p}:3: not valid UTF-8" in out
+    out_dir = str(tmp_path / "prep_bytes")
+    base = ["data", "prepare", "--input", str(p), "--out", out_dir, "--kind", "pretrain", "--tokenizer", tok_dir]
+    assert cli(base) == 2 and f"{p}:3: not valid UTF-8" in capsys.readouterr().err
+    assert cli(base + ["--skip-invalid"]) == 0
+    assert json.load(open(os.path.join(out_dir, "meta.json")))["invalid"] == 1
+
+
+def test_check_flags_a_file_that_mixes_kinds(tmp_path, tok_dir, cli, capsys):
+    p = write_jsonl(tmp_path / "mixed.jsonl", [{"text": "plain text"}] + convs(2) + [{"text": "more"}])
+    assert cli(["data", "check", p, "--tokenizer", tok_dir]) == 1
+    out = capsys.readouterr().out
+    assert "2 valid records (text: 2), 2 invalid" in out
+    assert f"{p}:2: a 'messages' record (chat) in a file of pretrain records (first at line 1)" in out
+
+
+def test_skipped_records_reported_again_from_cache(tmp_path, tok, capsys):
+    p = write_jsonl(tmp_path / "s.jsonl", [{"text": "a b c"}, "{oops", {"text": "d e f"}])
+    cache = str(tmp_path / "cache")
+    load_token_dataset(p, tok, kind="pretrain", seq_len=16, skip_invalid=True, cache_dir=cache)
+    assert "skipped 1 invalid" in capsys.readouterr().err
+    load_token_dataset(p, tok, kind="pretrain", seq_len=16, skip_invalid=True, cache_dir=cache)  # cache hit
+    assert "1 invalid records of" in capsys.readouterr().err
+
+
+def test_sharegpt_from_value_messages(tmp_path):
+    p = write_jsonl(tmp_path / "sg.jsonl", [{"conversations": [
+        {"from": "system", "value": "be kind"}, {"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]},
+        {"conversations": [{"from": "human", "value": "q"}, {"from": "robot", "value": "a"}]}])
+    st = ReadStats()
+    recs = list(iter_records(p, skip_invalid=True, stats=st))
+    assert recs[0].messages == [{"role": "system", "content": "be kind"}, {"role": "user", "content": "hi"},
+                                {"role": "assistant", "content": "hello"}]
+    assert [e.line for e in st.invalid] == [2] and "robot" in str(st.invalid[0])

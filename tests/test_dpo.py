@@ -155,3 +155,129 @@ def test_bad_preference_rows_name_file_and_line(tmp_path, row, msg):
     path.write_text(json.dumps({"prompt": "q", "chosen": "good", "rejected": "bad"}) + "\n" + json.dumps(row) + "\n")
     with pytest.raises(ValueError, match=rf"bad.jsonl:2: .*{msg}"):
         load_pairs(str(path), load_tokenizer(), 64)
+
+
+# -- reference model paths: precomputed log-probs, adapters off, ref_model=DIR ------------------------
+
+def _pref_file(path, n=12):
+    import json
+
+    rows = [{"prompt": f"What is {a} + {a}?", "chosen": f"It is {2 * a}.", "rejected": "I do not know, sorry."}
+            for a in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _saved_micro(tmp_path, name="base", seed=0):
+    from tinylm.tokenizer import load_tokenizer
+
+    tok = load_tokenizer()
+    model = _micro(len(tok), seed=seed)
+    model.save_pretrained(str(tmp_path / name))
+    tok.save_pretrained(str(tmp_path / name))
+    return tmp_path / name
+
+
+def _dpo_cfg(model_dir, data, out_dir, **kw):
+    from tinylm.trainconfig import load_config
+
+    over = [f"model={model_dir}", f"data.train={data}", f"out_dir={out_dir}", "stage=dpo", "max_steps=3",
+            "batch_size=4", "seq_len=64", "lr=5e-2", "warmup_steps=0", "eval_every=0", "save_every=0",
+            "log_every=1", "dtype=fp32", "device=cpu", "seed=3"]
+    return load_config(None, over + [f"{k}={v}" for k, v in kw.items()])
+
+
+def _losses(out_dir):
+    import json
+
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r], [r["rewards/margins"] for r in rows if "loss" in r]
+
+
+def test_precomputed_reference_logps_give_the_live_reference_loss(tmp_path):
+    import json
+
+    from tinylm.dpo import DPOObjective
+    from tinylm.dpo import main as dpo_main
+    from tinylm.train import train
+
+    base = _saved_micro(tmp_path)
+    data = _pref_file(tmp_path / "pref.jsonl")
+    pre = tmp_path / "pref_ref.jsonl"
+    assert dpo_main(["precompute", "--model", str(base), "--data", str(data), "--out", str(pre),
+                     "--seq-len", "64", "--batch-size", "5", "--device", "cpu"]) == 0
+    rows = [json.loads(line) for line in pre.read_text().splitlines()]
+    assert len(rows) == 12 and all(r["ref_chosen_logps"] < 0 and r["ref_rejected_logps"] < 0 for r in rows)
+
+    live = DPOObjective(None)
+    train(_dpo_cfg(base, data, tmp_path / "live"), objective=live, log=lambda *a: None)
+    cached = DPOObjective(None)
+    train(_dpo_cfg(base, pre, tmp_path / "cached"), objective=cached, log=lambda *a: None)
+    assert live.ref is not None and cached.ref is None  # no reference model loaded
+    (l1, m1), (l2, m2) = _losses(tmp_path / "live"), _losses(tmp_path / "cached")
+    assert l1[0] == pytest.approx(math.log(2), abs=1e-5) and abs(l1[-1] - l1[0]) > 1e-3  # the policy moved
+    assert l2 == pytest.approx(l1, abs=1e-5) and m2 == pytest.approx(m1, abs=1e-5)
+
+
+def test_precomputed_columns_errors(tmp_path):
+    import json
+
+    from tinylm.dpo import DPOObjective, load_pairs
+    from tinylm.tokenizer import load_tokenizer
+
+    tok = load_tokenizer()
+    good = {"prompt": "q", "chosen": "yes", "rejected": "no", "ref_chosen_logps": -3.0, "ref_rejected_logps": -4.0}
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(json.dumps(good) + "\n" + json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n")
+    with pytest.raises(ValueError, match=r"mixed.jsonl:2: no ref_chosen_logps"):
+        load_pairs(str(mixed), tok, 64)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({**good, "ref_rejected_logps": "x"}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: field 'ref_rejected_logps'"):
+        load_pairs(str(bad), tok, 64)
+    ok = tmp_path / "ok.jsonl"
+    ok.write_text(json.dumps(good) + "\n")
+    cfg = _dpo_cfg("tiny", ok, tmp_path / "o", **{"dpo.ref_model": str(tmp_path)})
+    with pytest.raises(ValueError, match="precomputed"):
+        DPOObjective(cfg).setup(_micro(len(tok)), tok, cfg, torch.device("cpu"))
+
+
+def test_reference_is_base_with_adapters_off_or_ref_model_dir(tmp_path):
+    """LoRA policy: pi_ref = the same network with adapters disabled (no copy); dpo.ref_model=DIR: that model."""
+    from tinylm.dpo import DPOObjective
+    from tinylm.lora import apply_lora
+    from tinylm.tokenizer import load_tokenizer
+
+    tok = load_tokenizer()
+    data = _pref_file(tmp_path / "pref.jsonl", 4)
+    other = _saved_micro(tmp_path, "other", seed=5)
+    base = _micro(len(tok))
+    base_logits_model = _micro(len(tok))  # identical weights (same seed), kept untouched
+    policy = apply_lora(base, r=4, alpha=8)
+    with torch.no_grad():  # non-zero adapters: the policy now differs from the base
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    cfg = _dpo_cfg("tiny", data, tmp_path / "o")
+    obj = DPOObjective(cfg)
+    obj.setup(policy, tok, cfg, torch.device("cpu"))
+    assert obj.ref.model is None and obj.ref.adapter_ctx is not None  # no second copy in memory
+    batch = next(obj.batches("train"))
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        want = base_logits_model(ids, attention_mask=attn).logits
+        assert not torch.allclose(policy(ids, attention_mask=attn).logits, want, atol=1e-3)
+    policy.train()
+    torch.testing.assert_close(obj.ref(ids, attn), want)
+    assert policy.training and all(not m.disabled for n, m in policy.named_modules() if hasattr(m, "disabled"))
+    _, _, m = obj.loss(policy, batch)
+    assert m["rewards/margins"] != 0.0
+
+    cfg2 = _dpo_cfg("tiny", data, tmp_path / "o2", **{"dpo.ref_model": str(other)})
+    obj2 = DPOObjective(cfg2)
+    obj2.setup(_micro(len(tok)), tok, cfg2, torch.device("cpu"))
+    from tinylm.loading import load_model
+
+    ref_model, _ = load_model(str(other))
+    with torch.no_grad():
+        torch.testing.assert_close(obj2.ref(ids, attn), ref_model(ids, attention_mask=attn).logits)

@@ -160,6 +160,18 @@ def test_option_scoring_and_context_too_short(tok, llama):
         E.evaluate_mcq(FakeLM(tok, "A", max_len=20), tok, "cmmlu", shots=2)
 
 
+def test_max_length_past_context_refused_and_few_shots_reported(tok):
+    with pytest.raises(ValueError, match=r"--max-length 3000 is longer than the model's context of 200 tokens"):
+        E.evaluate_mcq(FakeLM(tok, "A", max_len=200), tok, "mmlu", max_length=3000)
+    with pytest.raises(ValueError, match="longer than the model's context"):
+        E.evaluate_ppl(FakeLM(tok, "A", max_len=200), tok, max_length=201)
+    ds = B.load_mcq("ceval")
+    avail = min(len(ds.dev.get(s) or ds.eval[s]) for s in ds.eval)
+    with pytest.warns(UserWarning, match=rf"only \d+ example\(s\) available for --shots {avail + 3}"):
+        r = E.evaluate_mcq(FakeLM(tok, "B", max_len=100000), tok, "ceval", shots=avail + 3)
+    assert r["shots"] == avail + 3 and r["shots_used"][0] < avail + 3
+
+
 def test_bits_per_byte_by_hand(tok, llama, tmp_path):
     text = B.load_texts()[0][:300]
     ids = [0] + tok.encode(text)
@@ -215,3 +227,28 @@ def test_cli_two_models_one_table(tok, llama, tmp_path, capsys):
     assert set(res["models"]) == {"m1", "m2"} and res["models"]["m1"]["acc"] == res["models"]["m2"]["acc"]
     with pytest.raises(ValueError, match="one per model"):
         E.run_eval([str(tmp_path / "m1")] * 3, "mcq", lora=["a", "b"])
+
+
+def test_tinylm_model_with_lora_adapter(tmp_path):
+    """`tinylm eval DIR --lora ADAPTER` on a tinylm model: ppl equals the merged model's ppl."""
+    from tinylm.interop import init_model
+    from tinylm.lora import apply_lora, merge_lora, save_adapter
+
+    base = tmp_path / "base"
+    init_model("tiny", base, num_hidden_layers=2, hidden_size=64, intermediate_size=128)
+    model, tok = E.load_for_eval(str(base), device="cpu")
+    model = apply_lora(model, r=4, alpha=8)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    save_adapter(model, tmp_path / "adapter", str(base))
+    text = B.load_texts()[:2]
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in text))
+    plain = E.evaluate_ppl(*E.load_for_eval(str(base), device="cpu"), data=str(data))
+    adapted = E.evaluate_ppl(*E.load_for_eval(str(base), lora=str(tmp_path / "adapter"), device="cpu"), data=str(data))
+    merged = E.evaluate_ppl(merge_lora(model).eval(), tok, data=str(data))
+    assert adapted["loss"] == pytest.approx(merged["loss"], abs=1e-4)
+    assert abs(adapted["loss"] - plain["loss"]) > 1e-3  # the adapter really was applied

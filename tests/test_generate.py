@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from tinylm.chat import enable_yarn
 from tinylm.generate import (
     BatchGenerator,
     IncrementalDetokenizer,
@@ -18,7 +19,6 @@ from tinylm.generate import (
     apply_frequency_presence,
     apply_repetition_penalty,
     context_length,
-    enable_yarn,
     generate,
     sample_token,
     stream,

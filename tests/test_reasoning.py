@@ -115,7 +115,7 @@ def _glued_bpe_tokenizer():
     corpus = [format_reasoning(f"{a} + {b} = {a + b}, so the sum is {a + b}", str(a + b))
               for a in range(40) for b in range(0, 40, 7)]
     raw = Tokenizer(models.BPE(unk_token="[UNK]"))
-    raw.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=160, special_tokens=["[UNK]"], show_progress=False))
+    raw.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=50, special_tokens=["[UNK]"], show_progress=False))
     return PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]")
 
 
@@ -140,8 +140,7 @@ def test_tag_spans_with_glued_bpe_tokenizer():
     text = format_reasoning("3 + 4 = 7", "7")
     ids = tok.encode(text, add_special_tokens=False)
     pieces = [tok.decode([i]) for i in ids]
-    assert any(">" in p and len(p) > 1 and not p.startswith("<") for p in pieces) or \
-        any(p.endswith("<") and len(p) > 1 for p in pieces), pieces  # some merge crosses a tag boundary
+    assert ">\n" in pieces and "\n</" in pieces, pieces  # merges cross the tag boundaries
     _check_tag_spans_against_offsets(tok, [text, format_reasoning("12 + 30 = 42, so the sum is 42", "42"),
                                            "x " + format_reasoning("a", "b") + " y"])
 

@@ -12,8 +12,9 @@ import pytest
 import torch
 from test_generate import ScriptedLM, script_ids, tiny_model
 
+from tinylm.chat import enable_yarn
 from tinylm.engine import Engine, QueueFull
-from tinylm.generate import SamplingParams, enable_yarn, generate, render_chat
+from tinylm.generate import SamplingParams, generate, render_chat
 from tinylm.server import BackgroundServer, create_app
 
 openai = pytest.importorskip("openai")

@@ -415,3 +415,43 @@ def test_auto_dtype_uses_bf16_only_on_cpus_with_native_bf16(monkeypatch):
     cfg.dtype = "fp32"
     monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: True)
     assert train_mod.autocast_settings(cfg, cpu) == (None, False)
+
+
+def test_tensorboard_and_wandb_receive_metrics(workdir, monkeypatch):
+    """report_to sends every scalar (and the sample texts) to the dashboard; stand-in modules record calls."""
+    import types
+
+    calls: dict[str, list] = {"scalar": [], "text": [], "wandb": [], "closed": []}
+
+    class Writer:
+        def __init__(self, log_dir):
+            calls["log_dir"] = log_dir
+
+        def add_scalar(self, k, v, step):
+            calls["scalar"].append((k, step))
+
+        def add_text(self, tag, text, step):
+            calls["text"].append((tag, step))
+
+        def close(self):
+            calls["closed"].append("tb")
+
+    class WandbRun:
+        def log(self, row, step):
+            calls["wandb"].append((sorted(row), step))
+
+        def finish(self):
+            calls["closed"].append("wandb")
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kw: calls.setdefault("init", kw)
+                                                                       and WandbRun()))
+    cfg = make_cfg(workdir, "tb", max_steps=2, report_to="tensorboard", sample_prompts=["the cat"],
+                   sample_every=2, sample_max_new_tokens=3)
+    train(cfg, log=lambda *a: None)
+    assert ("loss", 1) in calls["scalar"] and ("lr", 2) in calls["scalar"] and ("tokens_per_s", 2) in calls["scalar"]
+    assert calls["text"] == [("samples", 2)] and calls["log_dir"].endswith("tensorboard") and "tb" in calls["closed"]
+    cfg = make_cfg(workdir, "wb", max_steps=2, report_to="wandb", run_name="demo")
+    train(cfg, log=lambda *a: None)
+    assert calls["init"]["name"] == "demo" and calls["init"]["config"]["max_steps"] == 2
+    assert any("loss" in keys and step == 2 for keys, step in calls["wandb"]) and "wandb" in calls["closed"]

@@ -41,11 +41,33 @@ def load_for_inference(spec: str, lora: str | None = None, dtype: str | None = "
         if not os.path.isdir(lora):
             raise FileNotFoundError(f"{lora}: LoRA adapter directory not found")
         model = load_adapter(model, lora) or model
-    if yarn_factor != 1.0:
-        from tinylm.generate import enable_yarn
-
-        enable_yarn(model, yarn_factor)
+    enable_yarn(model, yarn_factor)
     return model.eval(), tok
+
+
+def enable_yarn(model, factor: float):
+    """Run a tinylm model at `factor` x its trained context with YaRN (inference only); returns it.
+
+    The trained length becomes `yarn_original_max_position` (kept if the model already uses YaRN,
+    e.g. one imported from transformers). Factor 1 leaves the model unchanged.
+    """
+    if factor == 1.0:
+        return model
+    if factor < 1.0:
+        raise ValueError(f"--yarn-factor must be >= 1, got {factor}")
+    from tinylm.generate import is_tinylm
+
+    if not is_tinylm(model):
+        raise ValueError("--yarn-factor works for tinylm models; for a transformers model set "
+                         "rope_scaling / rope_parameters in its config.json")
+    cfg = model.config
+    if cfg.yarn_factor <= 1.0:
+        cfg.yarn_original_max_position = cfg.max_position_embeddings
+    cfg.yarn_factor = float(factor)
+    for m in model.modules():  # RoPE frequencies are cached on first use
+        if hasattr(m, "_rope_cache"):
+            m._rope_cache = None
+    return model
 
 
 def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
@@ -81,13 +103,14 @@ def fit_history(tokenizer, messages: list[dict], context: int, max_new_tokens: i
 # ---------------------------------------------------------------------------------------------
 # tinylm chat
 # ---------------------------------------------------------------------------------------------
-def _answer(gen, tokenizer, messages: list[dict], params: SamplingParams, show_thinking: bool, out=sys.stdout,
+def _answer(gen, tokenizer, messages: list[dict], params: SamplingParams, show_thinking: bool, out=None,
             ) -> tuple[list[dict], str, str]:
-    """Stream one reply to `out`; return (trimmed history, content, reasoning)."""
+    """Stream one reply to `out` (default: the current sys.stdout); return (trimmed history, content, reasoning)."""
     from dataclasses import replace
 
     from tinylm.generate import stream
 
+    out = out or sys.stdout
     messages, ids = fit_history(tokenizer, messages, gen.max_seq_len, params.max_new_tokens)
     params = replace(params, max_new_tokens=min(params.max_new_tokens, gen.max_seq_len - len(ids)))
     dim, reset = ("\033[2m", "\033[0m") if out.isatty() else ("", "")

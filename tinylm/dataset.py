@@ -228,7 +228,8 @@ def load_token_dataset(source, tokenizer=None, kind: str = "pretrain", seq_len: 
             fcntl.flock(lock, fcntl.LOCK_EX)
         except ImportError:  # no fcntl (Windows): each process prepares, the first rename wins
             pass
-        if not os.path.isfile(os.path.join(d, "meta.json")):
+        cached = os.path.isfile(os.path.join(d, "meta.json"))
+        if not cached:
             tmp = f"{d}.tmp{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             print(f"preparing {', '.join(files)} -> {d}", file=sys.stderr)
@@ -238,4 +239,8 @@ def load_token_dataset(source, tokenizer=None, kind: str = "pretrain", seq_len: 
                 os.rename(tmp, d)  # atomic: readers never see a half-written directory
             except OSError:
                 shutil.rmtree(tmp, ignore_errors=True)
-    return TokenDataset(d, split)
+    ds = TokenDataset(d, split)
+    if cached and split == "train" and ds.meta.get("invalid"):  # say it again on every run, never silently
+        print(f"note: {ds.meta['invalid']} invalid records of {', '.join(files)} were skipped when it was "
+              "prepared (skip_invalid); `tinylm data check` lists them", file=sys.stderr)
+    return ds

@@ -10,8 +10,15 @@ without a reward model, using the implicit reward r(x, y) = beta * log(pi(y|x) /
     hinge (SLiC, Zhao et al. 2023): relu(1 - beta d)
 
 log pi(y|x) is the SUM of the answer tokens' log-probs (prompt tokens are not scored).
-The reference pi_ref is frozen: a copy of the starting model, precomputed log-probs stored with
-the data, or - when training LoRA - the same network with its adapters switched off (no copy).
+The reference pi_ref is frozen: a copy of the starting model, a model directory
+(`dpo.ref_model`), precomputed log-probs stored with the data, or - when training LoRA - the same
+network with its adapters switched off (no copy). Precomputing (as TRL's
+`precompute_ref_log_probs`) saves the reference's memory and one forward pass per step:
+
+    python -m tinylm.dpo precompute --model runs/reason/final --data pairs.jsonl --out pairs_ref.jsonl --seq-len 128
+
+adds `ref_chosen_logps` / `ref_rejected_logps` (floats) to every row; a training file whose rows
+all have them loads no reference model. Use the training run's seq_len (it decides truncation).
 
 Logged like TRL: rewards/chosen, rewards/rejected (beta * log-ratio), rewards/margins,
 rewards/accuracies (fraction of pairs with chosen reward > rejected reward).
@@ -149,18 +156,61 @@ def encode_pair(tokenizer, prompt: list[dict], chosen: list[dict], rejected: lis
     return {"chosen_ids": c_ids, "chosen_mask": c_mask, "rejected_ids": r_ids, "rejected_mask": r_mask}
 
 
+REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+
+
+def ref_columns(path: str) -> dict[int, tuple[float, float]]:
+    """line -> (ref_chosen_logps, ref_rejected_logps) for the rows of a preference file that have them.
+
+    A row with only one of the two, or a value that is not a finite number, is an error naming file:line.
+    """
+    import json
+    import math
+
+    from tinylm.formats import iter_raw
+
+    out = {}
+    for line, raw, _ in iter_raw(path):
+        if isinstance(raw, str):
+            try:
+                raw = json.loads(raw)
+            except json.JSONDecodeError:
+                continue  # reported by iter_records
+        if not isinstance(raw, dict) or not any(k in raw for k in REF_COLUMNS):
+            continue
+        vals = [raw.get(k) for k in REF_COLUMNS]
+        for k, v in zip(REF_COLUMNS, vals):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{path}:{line}: field {k!r}: must be a finite number (the reference model's summed "
+                                 f"answer log-prob), got {v!r}")
+        out[line] = (float(vals[0]), float(vals[1]))
+    return out
+
+
 def load_pairs(path: str, tokenizer, max_len: int, skip_invalid: bool = False) -> list[dict[str, list[int]]]:
-    """Read and encode a preference file (any format of tinylm.formats; errors name file:line)."""
+    """Read and encode a preference file (any format of tinylm.formats; errors name file:line).
+
+    Rows with precomputed reference log-probs (`ref_chosen_logps` / `ref_rejected_logps`) keep them
+    as floats in the pair; a file must have them on every row or on none.
+    """
     import sys
 
     from tinylm.formats import iter_records
 
+    refs = ref_columns(path)
     pairs, too_long = [], 0
     for r in iter_records(path, kind="preference", skip_invalid=skip_invalid):
         try:
-            pairs.append(encode_pair(tokenizer, r.prompt, r.chosen, r.rejected, max_len, f"{r.source}:{r.line}"))
+            pair = encode_pair(tokenizer, r.prompt, r.chosen, r.rejected, max_len, f"{r.source}:{r.line}")
         except ValueError:
             too_long += 1  # the prompt alone fills seq_len: nothing to compare
+            continue
+        if refs:
+            if r.line not in refs:
+                raise ValueError(f"{path}:{r.line}: no {REF_COLUMNS[0]}/{REF_COLUMNS[1]}, but other rows have them: "
+                                 "precompute them for every row (python -m tinylm.dpo precompute) or for none")
+            pair[REF_COLUMNS[0]], pair[REF_COLUMNS[1]] = refs[r.line]
+        pairs.append(pair)
     if too_long:
         print(f"warning: {path}: skipped {too_long} pairs whose prompt fills seq_len={max_len}", file=sys.stderr)
     if not pairs:
@@ -177,7 +227,11 @@ def collate_pairs(rows: list[dict[str, list[int]]], pad_id: int = 0) -> dict[str
     mask = torch.zeros(len(seqs), t, dtype=torch.long)
     for i, (s, m) in enumerate(seqs):
         ids[i, : len(s)], attn[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1, torch.tensor(m)
-    return {"input_ids": ids, "attention_mask": attn, "loss_mask": mask}
+    batch = {"input_ids": ids, "attention_mask": attn, "loss_mask": mask}
+    if rows and REF_COLUMNS[0] in rows[0]:  # precomputed reference log-probs, same (2B,) order
+        batch["ref_logps"] = torch.tensor([r[REF_COLUMNS[0]] for r in rows] + [r[REF_COLUMNS[1]] for r in rows],
+                                          dtype=torch.float32)
+    return batch
 
 
 class RowIterator:
@@ -246,11 +300,18 @@ class DPOObjective:
         self.cfg, self.tokenizer = cfg, tokenizer
         self.beta, self.loss_type, self.ls = d.beta, d.loss_type, d.label_smoothing
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.ref = ReferenceModel(model, cfg, device, path=d.ref_model)
+        # Pairs are read now: when every file carries precomputed reference log-probs, no reference
+        # model is built (the copy would cost a second model in memory and a forward per step).
+        self.pairs = {split: load_pairs(path, tokenizer, cfg.seq_len, cfg.data.skip_invalid)
+                      for split, path in (("train", cfg.data.train), ("val", cfg.data.val)) if path}
+        precomputed = [REF_COLUMNS[0] in p[0] for p in self.pairs.values()]
+        if all(precomputed) and d.ref_model:
+            raise ValueError(f"config: dpo.ref_model={d.ref_model!r} but the data already has precomputed "
+                             f"{REF_COLUMNS[0]}/{REF_COLUMNS[1]}; drop one of the two")
+        self.ref = None if all(precomputed) else ReferenceModel(model, cfg, device, path=d.ref_model)
 
     def batches(self, split: str, rank: int = 0, world_size: int = 1):
-        path = self.cfg.data.train if split == "train" else self.cfg.data.val
-        pairs = load_pairs(path, self.tokenizer, self.cfg.seq_len, self.cfg.data.skip_invalid)
+        pairs = self.pairs[split]
         it = RowIterator(pairs, self.cfg.batch_size, lambda rows: collate_pairs(rows, self.pad_id), rank,
                          world_size, self.cfg.seed, shuffle=split == "train")
         if split == "train":
@@ -266,7 +327,10 @@ class DPOObjective:
         ids, attn, mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]  # (2B, T)
         out = model(input_ids=ids, attention_mask=attn, use_cache=False)
         logps = sequence_logps(out.logits, ids, mask)                    # (2B,)
-        ref_logps = sequence_logps(self.ref(ids, attn), ids, mask)      # (2B,)
+        if "ref_logps" in batch:                                         # precomputed with the data
+            ref_logps = batch["ref_logps"].to(logps.dtype)
+        else:
+            ref_logps = sequence_logps(self.ref(ids, attn), ids, mask)  # (2B,)
         b = ids.size(0) // 2
         lengths = mask[:, 1:].sum(-1).float()
         losses, cr, rr = dpo_loss(logps[:b], logps[b:], ref_logps[:b], ref_logps[b:], self.beta, self.loss_type,
@@ -279,3 +343,95 @@ class DPOObjective:
         if aux is not None and aux.requires_grad:
             loss_sum = loss_sum + aux * b  # MoE balance loss, per pair
         return loss_sum, b, metrics
+
+
+# -- precomputed reference log-probs ------------------------------------------------------------------
+
+@torch.no_grad()
+def precompute_ref_logps(model, tokenizer, path: str, out: str, seq_len: int, batch_size: int = 8,
+                         skip_invalid: bool = False) -> tuple[int, int]:
+    """Write `out` (jsonl): every usable row of the preference file `path` plus `ref_chosen_logps` /
+    `ref_rejected_logps` = the summed answer log-probs under `model` (the reference), encoded exactly as
+    training encodes them (chat template, `seq_len` truncation). Returns (rows written, rows skipped)."""
+    import json
+    import os
+    import sys
+
+    from tinylm.formats import DataError, check_kind, iter_raw, parse_record
+
+    rows, pairs, skipped = [], [], 0
+    for line, raw, _ in iter_raw(path):
+        try:
+            rec = parse_record(raw, str(path), line)
+            check_kind(rec, "preference", str(path), line)
+        except DataError:
+            if not skip_invalid:
+                raise
+            skipped += 1
+            continue
+        try:
+            pair = encode_pair(tokenizer, rec.prompt, rec.chosen, rec.rejected, seq_len, f"{path}:{line}")
+        except ValueError:  # the prompt fills seq_len: training skips this row too
+            skipped += 1
+            continue
+        obj = json.loads(raw) if isinstance(raw, str) else dict(raw)
+        rows.append({k: v for k, v in obj.items() if k not in REF_COLUMNS})
+        pairs.append(pair)
+    if not pairs:
+        raise ValueError(f"{path}: no usable preference pairs (raise --seq-len?)")
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    model.eval()
+    logps = []
+    for i in range(0, len(pairs), batch_size):
+        b = collate_pairs(pairs[i:i + batch_size], pad_id)
+        ids, attn, mask = (b[k].to(device) for k in ("input_ids", "attention_mask", "loss_mask"))
+        lp = sequence_logps(model(ids, attention_mask=attn, use_cache=False).logits, ids, mask).cpu()  # (2n,)
+        n = lp.numel() // 2
+        logps += list(zip(lp[:n].tolist(), lp[n:].tolist()))
+    tmp = f"{out}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row, (c, r) in zip(rows, logps):
+            f.write(json.dumps({**row, REF_COLUMNS[0]: c, REF_COLUMNS[1]: r}, ensure_ascii=False) + "\n")
+    os.replace(tmp, out)
+    if skipped:
+        print(f"warning: {path}: skipped {skipped} rows (invalid, or the prompt fills seq_len={seq_len})",
+              file=sys.stderr)
+    return len(rows), skipped
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m tinylm.dpo precompute --model REF --data in.jsonl --out out.jsonl --seq-len N`."""
+    import argparse
+    import sys
+
+    from tinylm.loading import load_model
+
+    ap = argparse.ArgumentParser(prog="python -m tinylm.dpo", description="DPO helpers.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("precompute", help="add the reference model's log-probs to a preference file",
+                       description=precompute_ref_logps.__doc__)
+    p.add_argument("--model", required=True, help="reference model: the DPO start model (dir, or a LoRA run's final/)")
+    p.add_argument("--data", required=True, help="preference file (any format tinylm reads)")
+    p.add_argument("--out", required=True, help="output .jsonl (the rows plus ref_chosen_logps / ref_rejected_logps)")
+    p.add_argument("--seq-len", type=int, default=256, help="the training run's seq_len (default 256)")
+    p.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass")
+    p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the model's)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--skip-invalid", action="store_true", help="skip malformed rows instead of stopping")
+    args = ap.parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        model, tok = load_model(args.model, dtype="fp32", device=device, tokenizer=args.tokenizer)
+        n, skipped = precompute_ref_logps(model, tok, args.data, args.out, args.seq_len, args.batch_size,
+                                          args.skip_invalid)
+    except (FileNotFoundError, ValueError) as e:  # bad input: one line naming the file, no traceback
+        print(f"python -m tinylm.dpo precompute: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}: {n} rows with {REF_COLUMNS[0]} / {REF_COLUMNS[1]}"
+          + (f" ({skipped} skipped)" if skipped else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+import warnings
 from pathlib import Path
 
 from tinylm.benchmarks import (
@@ -73,6 +74,20 @@ def context_length(model, tokenizer=None) -> int:
             return v
     v = getattr(tokenizer, "model_max_length", None)
     return v if isinstance(v, int) and 0 < v < 10**7 else 2048
+
+
+def usable_length(model, tokenizer, max_length: int | None) -> int:
+    """--max-length, or the model's context; longer than the context is refused: positions past it
+    were never trained, so scores there say nothing about the model."""
+    ctx = context_length(model, tokenizer)
+    if max_length is None:
+        return ctx
+    if max_length < 2:
+        raise ValueError(f"--max-length must be >= 2, got {max_length}")
+    if max_length > ctx:
+        raise ValueError(f"--max-length {max_length} is longer than the model's context of {ctx} tokens; "
+                         f"use --max-length {ctx} or less")
+    return max_length
 
 
 def _pad_id(tok) -> int:
@@ -171,7 +186,7 @@ def _check_length(n: int, max_len: int, shots: int, where: str, shorter) -> None
         return
     fit = next((k for k in range(shots - 1, -1, -1) if shorter(k) <= max_len), None)
     hint = ((f"use --shots {fit}" + (" or fewer" if fit else "")) if fit is not None
-            else f"even the 0-shot prompt is {shorter(0)} tokens; use a longer-context model or --max-length")
+            else f"even the 0-shot prompt is {shorter(0)} tokens; use a model with a longer context")
     raise ValueError(f"{where}: {shots}-shot prompt is {n} tokens but the model context is {max_len} tokens; {hint}")
 
 
@@ -184,7 +199,7 @@ def evaluate_mcq(model, tokenizer, task: str, data: str | None = None, shots: in
     if scoring not in ("letter", "option"):
         raise ValueError(f"--scoring must be 'letter' or 'option', not {scoring!r}")
     ds = load_mcq(task, data, split)
-    max_len = max_length or context_length(model, tokenizer)
+    max_len = usable_length(model, tokenizer, max_length)
     sep, bos = answer_sep(task), _bos(tokenizer)
     items: list[MCQItem] = [it for s in ds.eval for it in ds.eval[s][:limit]]
 
@@ -233,6 +248,12 @@ def evaluate_mcq(model, tokenizer, task: str, data: str | None = None, shots: in
             by_item.setdefault(id(it), []).append(s / max(1, nbytes))  # length-normalised (per byte)
         preds = [_argmax(by_item[id(it)]) for it in items]
 
+    used = [len(pick_shots(ds, it, shots)) for it in items] if shots else [0]
+    if min(used) < shots:  # a subject with fewer dev questions than asked: say so, record it
+        short = sorted({ds.subject_names.get(it.subject, it.subject) for it, u in zip(items, used) if u < shots})
+        warnings.warn(f"{task}: only {min(used)} example(s) available for --shots {shots} in "
+                      f"{', '.join(short[:5])}{' ...' if len(short) > 5 else ''}; those prompts use fewer shots",
+                      stacklevel=2)
     subjects: dict[str, dict] = {}
     for it, p in zip(items, preds):
         s = subjects.setdefault(it.subject, {"correct": 0, "n": 0, "random": 0.0})
@@ -243,7 +264,7 @@ def evaluate_mcq(model, tokenizer, task: str, data: str | None = None, shots: in
         s["acc"], s["random"] = s["correct"] / s["n"], s["random"] / s["n"]
     n = sum(s["n"] for s in subjects.values())
     return {
-        "task": task, "scoring": scoring, "shots": shots, "n": n,
+        "task": task, "scoring": scoring, "shots": shots, "shots_used": [min(used), max(used)], "n": n,
         "acc": sum(s["correct"] for s in subjects.values()) / max(1, n),
         "macro_acc": sum(s["acc"] for s in subjects.values()) / max(1, len(subjects)),
         "random": sum(s["random"] * s["n"] for s in subjects.values()) / max(1, n),
@@ -268,7 +289,7 @@ def evaluate_ppl(model, tokenizer, data: str | None = None, limit: int | None = 
     """Loss, perplexity and bits/byte with a sliding window: each token is predicted once, with at
     least (window - stride) tokens of context after the first window (as in the HF perplexity guide)."""
     docs = load_texts(data)[:limit]
-    window = max_length or context_length(model, tokenizer)
+    window = usable_length(model, tokenizer, max_length)
     stride = min(stride or max(1, window // 2), window - 1)
     start = _bos(tokenizer) or [_doc_separator(tokenizer)]
     reqs, nbytes = [], 0
@@ -330,7 +351,7 @@ def evaluate_gen(model, tokenizer, data: str | None = None, shots: int = 0, limi
     if not items:
         raise ValueError(f"{data or 'bundled gen set'}: no questions left after {shots} few-shot examples")
     use_chat = prompt_format == "chat" or (prompt_format == "auto" and getattr(tokenizer, "chat_template", None))
-    max_len = max_length or context_length(model, tokenizer)
+    max_len = usable_length(model, tokenizer, max_length)
     prompts = []
     for it in items:
         if use_chat:

@@ -21,6 +21,7 @@ bad records are skipped and *counted* in a `ReadStats`, never dropped silently.
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import sys
@@ -108,14 +109,13 @@ def iter_raw(path: str) -> Iterator[tuple[int, object, int]]:
         yield from _iter_txt(path)
         return
     if ext == ".json":
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8", errors="replace") as f:
             head = f.read(4096).lstrip()
         if head.startswith("["):
             yield from _iter_json_array(path)
             return
         if head.startswith("{"):  # one pretty-printed object, or really jsonl
-            with open(path, encoding="utf-8") as f:
-                s = f.read()
+            s = _read_text(path)
             try:
                 obj = json.loads(s)
             except json.JSONDecodeError:
@@ -123,13 +123,33 @@ def iter_raw(path: str) -> Iterator[tuple[int, object, int]]:
             if obj is not None:
                 yield 1, obj, len(s.encode("utf-8"))
                 return
-    with open(path, encoding="utf-8", errors="strict") as f:
-        try:
-            for i, line in enumerate(f, 1):
-                if line.strip():
-                    yield i, line, len(line.encode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise DataError(path, None, None, f"not valid UTF-8 ({e.reason})") from None
+    for i, line, n_bytes in _decoded_lines(path):
+        if not isinstance(line, str) or line.strip():
+            yield i, line, n_bytes
+
+
+def _decoded_lines(path: str) -> Iterator[tuple[int, str | tuple, int]]:
+    """(line number, text, bytes) per line, decoded one line at a time: a line that is not UTF-8
+    becomes ("__bad__", reason), which parse_record turns into a DataError for that line only
+    (so --skip-invalid can skip it and the error names the line)."""
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            if i == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
+            try:
+                yield i, raw.decode("utf-8"), len(raw)
+            except UnicodeDecodeError as e:
+                yield i, ("__bad__", f"not valid UTF-8 (byte {e.start + 1} of the line: {e.reason})"), len(raw)
+
+
+def _read_text(path: str) -> str:
+    """A whole (.json) file as text; invalid UTF-8 is reported with its line number."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(path, data.count(b"\n", 0, e.start) + 1, None, f"not valid UTF-8 ({e.reason})") from None
 
 
 def _iter_txt(path: str) -> Iterator[tuple[int, object, int]]:
@@ -142,24 +162,26 @@ def _iter_txt(path: str) -> Iterator[tuple[int, object, int]]:
         text = "".join(buf)
         return (start, text, n) if text.strip() else None
 
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if line.strip() == TXT_SEPARATOR:
-                piece = cut()
-                if piece and pending:
-                    yield pending[0], ("__txt__", pending[1], False), pending[2]
-                    pending = None
-                last = piece or pending
-                if last:
-                    yield last[0], ("__txt__", last[1], True), last[2]
-                pending, buf, n, start = None, [], 0, i + 1
-                continue
-            buf.append(line)
-            n += len(line.encode("utf-8"))
-            if n >= TXT_PIECE_CHARS:  # a long document: stream it in pieces cut at line ends
-                if pending:
-                    yield pending[0], ("__txt__", pending[1], False), pending[2]
-                pending, buf, n, start = cut(), [], 0, i + 1
+    for i, line, n_line in _decoded_lines(path):
+        if isinstance(line, tuple):  # undecodable line: reported (or skipped) on its own
+            yield i, line, n_line
+            continue
+        if line.strip() == TXT_SEPARATOR:
+            piece = cut()
+            if piece and pending:
+                yield pending[0], ("__txt__", pending[1], False), pending[2]
+                pending = None
+            last = piece or pending
+            if last:
+                yield last[0], ("__txt__", last[1], True), last[2]
+            pending, buf, n, start = None, [], 0, i + 1
+            continue
+        buf.append(line.replace("\r\n", "\n"))  # as text mode's universal newlines did
+        n += n_line
+        if n >= TXT_PIECE_CHARS:  # a long document: stream it in pieces cut at line ends
+            if pending:
+                yield pending[0], ("__txt__", pending[1], False), pending[2]
+            pending, buf, n, start = cut(), [], 0, i + 1
     piece = cut()
     if piece and pending:
         yield pending[0], ("__txt__", pending[1], False), pending[2]
@@ -171,8 +193,7 @@ def _iter_txt(path: str) -> Iterator[tuple[int, object, int]]:
 
 def _iter_json_array(path: str) -> Iterator[tuple[int, object, int]]:
     """Parse a top-level JSON array item by item so errors get real line numbers."""
-    with open(path, encoding="utf-8") as f:
-        s = f.read()
+    s = _read_text(path)
     dec = json.JSONDecoder()
     pos = s.index("[") + 1
     n = len(s)
@@ -224,6 +245,8 @@ def parse_record(raw: object, path: str, line: int) -> Record:
     """Validate and normalise one raw item from `iter_raw`; raises DataError."""
     if isinstance(raw, tuple) and raw and raw[0] == "__txt__":
         return Record("pretrain", "txt", path, line, text=raw[1], eos=raw[2])
+    if isinstance(raw, tuple) and raw and raw[0] == "__bad__":
+        raise DataError(path, line, None, raw[1])
     if isinstance(raw, str):
         try:
             raw = json.loads(raw)

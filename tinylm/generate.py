@@ -427,29 +427,6 @@ def context_length(model) -> int:
     return config_context_length(model.config)
 
 
-def enable_yarn(model, factor: float):
-    """Run a tinylm model at `factor` x its trained context with YaRN (inference only); returns it.
-
-    The trained length becomes `yarn_original_max_position` (kept if the model already uses YaRN,
-    e.g. one imported from transformers). Factor 1 leaves the model unchanged.
-    """
-    if factor == 1.0:
-        return model
-    if factor < 1.0:
-        raise ValueError(f"--yarn-factor must be >= 1, got {factor}")
-    if not is_tinylm(model):
-        raise ValueError("--yarn-factor works for tinylm models; for a transformers model set "
-                         "rope_scaling / rope_parameters in its config.json")
-    cfg = model.config
-    if cfg.yarn_factor <= 1.0:
-        cfg.yarn_original_max_position = cfg.max_position_embeddings
-    cfg.yarn_factor = float(factor)
-    for m in model.modules():  # RoPE frequencies are cached on first use
-        if hasattr(m, "_rope_cache"):
-            m._rope_cache = None
-    return model
-
-
 def stop_token_ids(model, tokenizer) -> set[int]:
     """EOS ids of the generation config and tokenizer, plus the ChatML end-of-turn token."""
     ids: set[int] = set()

@@ -283,19 +283,34 @@ def rollout(model, tokenizer, rows: list[dict], group_size: int, max_new_tokens:
     return prompt_ids, comps, texts
 
 
+def reward_weights(weights: list[float] | None, reward_fns: list) -> torch.Tensor:
+    """(F,) weights of the reward functions (all 1 when `weights` is empty); lengths must match."""
+    if not weights:
+        return torch.ones(len(reward_fns))
+    if len(weights) != len(reward_fns):
+        names = ", ".join(getattr(f, "__name__", str(f)) for f in reward_fns)
+        raise ValueError(f"config: grpo.reward_weights has {len(weights)} values for {len(reward_fns)} reward "
+                         f"functions ({names}); give one weight per function, in the same order")
+    return torch.tensor([float(w) for w in weights])
+
+
 @torch.no_grad()
 def evaluate_rewards(model, tokenizer, rows: list[dict], reward_fns: list, samples: int = 4,
                      max_new_tokens: int = 64, temperature: float = 1.0, batch_prompts: int = 16,
-                     seed: int = 0) -> dict[str, float]:
-    """Mean reward on (held-out) prompts: `samples` sampled completions each (temperature 0 = greedy)."""
+                     seed: int = 0, weights: list[float] | None = None) -> dict[str, float]:
+    """Mean reward on (held-out) prompts: `samples` sampled completions each (temperature 0 = greedy).
+
+    `reward` is the weighted sum over the functions (as in training); `rewards/<fn>` each unweighted mean.
+    """
     g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    w = reward_weights(weights, reward_fns)
     all_r = []
     for i in range(0, len(rows), batch_prompts):
         chunk = rows[i:i + batch_prompts]
         _, _, texts = rollout(model, tokenizer, chunk, samples, max_new_tokens, temperature, g)
         all_r.append(score(chunk, texts, reward_fns, samples))
     r = torch.cat(all_r)  # (N*S, F)
-    out = {"reward": r.sum(1).mean().item()}
+    out = {"reward": (r * w).sum(1).mean().item()}
     for j, fn in enumerate(reward_fns):
         out[f"rewards/{getattr(fn, '__name__', j)}"] = r[:, j].mean().item()
     return out
@@ -329,6 +344,10 @@ class GRPOObjective:
         self.reward_fns = [resolve_reward(s.strip()) for s in g.reward.split(",") if s.strip()]
         if not self.reward_fns:
             raise ValueError("config: grpo.reward is empty (e.g. 'format,accuracy')")
+        self.weights = reward_weights(g.reward_weights, self.reward_fns)  # (F,)
+        self.eval_rows = load_prompts(g.eval_prompts) if g.eval_prompts else None
+        if g.eval_samples < 1:
+            raise ValueError(f"config: grpo.eval_samples must be >= 1, got {g.eval_samples}")
         self.ref = ReferenceModel(model, cfg, device, path=g.ref_model) if g.beta else None
         self.sample_gen = torch.Generator(device=device).manual_seed(cfg.seed)
 
@@ -336,7 +355,7 @@ class GRPOObjective:
         from tinylm.dpo import RowIterator
 
         if split != "train":
-            return iter(())  # held-out rewards: `python -m tinylm.grpo MODEL data/posttrain/grpo_eval.jsonl`
+            return iter(())  # held-out rewards: grpo.eval_prompts (validation_metrics) or `python -m tinylm.grpo`
         rows = load_prompts(self.cfg.data.train)
         n = self.cfg.batch_size // self.cfg.grpo.group_size
         return RowIterator(rows, n, lambda r: {"rows": r, "n_tokens": 0}, rank, world_size, self.cfg.seed)
@@ -351,8 +370,9 @@ class GRPOObjective:
         rows = batch["rows"]
         prompt_ids, comps, texts = rollout(self.policy, self.tokenizer, rows, g.group_size, g.max_new_tokens,
                                            g.temperature, self.sample_gen)
+        batch["sampled_tokens"] = sum(len(p) + len(c) for p, c in zip(prompt_ids, comps))  # for tokens/s
         r = score(rows, texts, self.reward_fns, g.group_size)          # (N*G, F)
-        rewards = r.sum(1)                                               # (N*G,)
+        rewards = (r * self.weights).sum(1)                              # (N*G,) weighted sum
         adv = group_advantages(rewards, g.group_size, g.scale_rewards).to(self.device)
         policy = lambda ids, attn: model(input_ids=ids, attention_mask=attn, use_cache=False).logits  # noqa: E731
         logps, mask = completion_logps(policy, prompt_ids, comps, self.device)
@@ -370,6 +390,19 @@ class GRPOObjective:
             metrics[f"rewards/{getattr(fn, '__name__', j)}"] = r[:, j].mean().item()
         return loss_sum, n, metrics
 
+    def validation_metrics(self, model) -> dict[str, float]:
+        """Held-out mean reward on grpo.eval_prompts (logged by the trainer as a validation row).
+
+        The loss is ~0 on-policy whatever happens, so this is GRPO's learning curve. Sampling uses a
+        fixed seed, so successive evaluations differ only through the model.
+        """
+        if not self.eval_rows:
+            return {}
+        g = self.cfg.grpo
+        res = evaluate_rewards(self.policy, self.tokenizer, self.eval_rows, self.reward_fns, g.eval_samples,
+                               g.max_new_tokens, g.temperature, seed=self.cfg.seed, weights=g.reward_weights)
+        return {f"val_{k}": v for k, v in res.items()}
+
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m tinylm.grpo MODEL PROMPTS.jsonl`: mean rewards of a model on (held-out) prompts."""
@@ -382,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("model")
     ap.add_argument("prompts")
     ap.add_argument("--reward", default="format,accuracy")
+    ap.add_argument("--reward-weights", default="", help="comma-separated weights, one per reward function")
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--max-new-tokens", type=int, default=64)
@@ -390,8 +424,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     model, tok = load_model(args.model)
     fns = [resolve_reward(s.strip()) for s in args.reward.split(",")]
+    weights = [float(w) for w in args.reward_weights.split(",") if w.strip()]
     res = evaluate_rewards(model, tok, load_prompts(args.prompts), fns, args.samples, args.max_new_tokens,
-                           args.temperature, seed=args.seed)
+                           args.temperature, seed=args.seed, weights=weights)
     print(" ".join(f"{k}={v:.4f}" for k, v in res.items()))
     return 0
 

@@ -38,10 +38,23 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+# Stage metrics worth a glance on the console, in this order: (key in the row, label). GRPO's loss is
+# ~0 on-policy whatever happens, so its reward is the number to watch; DPO's loss hides whether the
+# pairs are ranked right, its margin and accuracy show it (TRL logs the same names).
+PROGRESS_EXTRAS = (("reward", "reward"), ("reward_std", "reward_std"), ("rewards/margins", "margin"),
+                   ("rewards/accuracies", "acc"), ("kl", "kl"))
+
+
 def progress_line(row: dict[str, Any], max_steps: int, eta_s: float) -> str:
-    """`step 120/1000 | loss 3.2104 | lr 9.8e-04 | 5.1k tok/s | data 0.4 ms | gnorm 0.91 | eta 3m05s`."""
+    """`step 120/1000 | loss 3.2104 | lr 9.8e-04 | 5.1k tok/s | data 0.4 ms | gnorm 0.91 | eta 3m05s`.
+
+    GRPO adds `reward 1.0312 | reward_std 0.2147`, DPO `margin 0.8123 | acc 0.88`, when the row has them.
+    """
     total = f"/{max_steps}" if max_steps else ""
-    parts = [f"step {row['step']}{total}", f"loss {row['loss']:.4f}", f"lr {row['lr']:.2e}"]
+    parts = [f"step {row['step']}{total}", f"loss {row['loss']:.4f}"]
+    parts += [f"{label} {row[key]:.4f}" if key != "rewards/accuracies" else f"{label} {row[key]:.2f}"
+              for key, label in PROGRESS_EXTRAS if isinstance(row.get(key), (int, float))]
+    parts.append(f"lr {row['lr']:.2e}")
     tps = row.get("tokens_per_s", 0.0)
     parts.append(f"{tps / 1000:.2f}k tok/s" if tps >= 1000 else f"{tps:.0f} tok/s")
     if "data_ms" in row:

@@ -402,14 +402,21 @@ def check(paths: list[str], tokenizer=None, seq_len: int = 512, workers: int = 1
     from tinylm.formats import FORMAT_KINDS
     for p in paths:
         st = per_file[p] = ReadStats()
-        for fmt, _path, _line, ids, mask in encode_stream([p], tok, None, workers, True, st):
+        first: tuple[str, int] | None = None  # (kind, line) of the file's first valid record
+        for fmt, _path, line, ids, mask in encode_stream([p], tok, None, workers, True, st):
             k = FORMAT_KINDS[fmt]
+            first = first or (k, line)
+            if k != first[0]:  # training reads one kind per file (as `data prepare --kind` will)
+                st.counts[fmt] -= 1
+                st.invalid.append(DataError(p, line, None, f"a {fmt!r} record ({k}) in a file of {first[0]} "
+                                                           f"records (first at line {first[1]}): one kind per file"))
+                continue
             lengths.setdefault(k, array("q")).append(len(ids))
             if mask is not None:
                 trained[k] += int(mask.sum())
     n_invalid = 0
     for p, st in per_file.items():
-        fmts = ", ".join(f"{k}: {v}" for k, v in sorted(st.counts.items())) or "none"
+        fmts = ", ".join(f"{k}: {v}" for k, v in sorted(st.counts.items()) if v) or "none"
         log(f"{p}: {st.n_valid} valid records ({fmts}), {st.n_invalid} invalid, {st.n_bytes / 1e6:.2f} MB")
         for e in st.invalid[:max(0, max_print - n_invalid)]:
             log(f"  {e}")

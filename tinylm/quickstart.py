@@ -92,7 +92,10 @@ def run_quickstart(out: str = "runs/quickstart", pretrain_steps: int | None = No
 
 
 def _cmd_quickstart(args: argparse.Namespace) -> int:
-    run_quickstart(args.out, args.pretrain_steps, args.sft_steps, args.dtype, overwrite=args.overwrite)
+    for flag, v in (("--pretrain-steps", args.pretrain_steps), ("--sft-steps", args.sft_steps)):
+        if v is not None and v < 1:
+            raise ValueError(f"{flag} must be >= 1, got {v}")
+    run_quickstart(args.out, args.pretrain_steps, args.sft_steps, args.dtype, fast=args.fast, overwrite=args.overwrite)
     return 0
 
 
@@ -104,4 +107,6 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sft-steps", type=int, default=None, help="override recipes/sft.yaml max_steps")
     p.add_argument("--dtype", default="auto", help="auto | fp32 | bf16 (auto: bf16 autocast where it is faster)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    p.add_argument("--fast", action="store_true",
+                   help="no validation, samples or checkpoints during training (final model and report only)")
     p.set_defaults(func=_cmd_quickstart)

@@ -5,7 +5,8 @@ A reward function has the signature
     f(prompts: list[str], completions: list[str], **kw) -> list[float]
 
 where `kw` holds the other columns of the prompt rows (e.g. `answer=[...]`), one value per
-completion. GRPO sums the rewards of all functions given (optionally weighted). Writing your own
+completion. GRPO adds the rewards of all functions given, weighted by `grpo.reward_weights` (one
+float per function, same order; default 1 each). Writing your own
 is the intended extension point: no registry, just pass the function (or its dotted path
 "mypkg.mymod:my_reward" in a recipe).
 

@@ -229,8 +229,6 @@ def create_app(engine, model_name: str, api_key: str | None = None, max_tokens_c
                     break
             else:
                 return
-        except asyncio.CancelledError:
-            raise
         except Exception:  # the connection broke in some other way: the client is gone all the same
             pass
         for s in seqs:

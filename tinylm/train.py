@@ -278,6 +278,7 @@ def accumulate_gradients(objective: Any, model: torch.nn.Module, batches: Any, n
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         stats[0] += loss_sum.detach().double()
         stats[1] += float(n_items)
+        stats[2] += batch.pop("sampled_tokens", 0)  # GRPO: tokens known only after sampling in loss()
         for k, v in metrics.items():
             extra[k] = extra.get(k, 0.0) + float(v) / n_micro
     return stats, extra, data_s
@@ -408,7 +409,11 @@ def train(cfg: TrainConfig, objective: Any = None, log: Any = print) -> dict[str
     logger = MetricsLogger(out_dir, cfg.report_to, cfg.run_name, config_to_dict(cfg), enabled=master,
                            resume_step=step if resume_from is not None else None)
     n_params = sum(p.numel() for p in params)
-    say(f"stage {cfg.stage} | model {cfg.model} | {n_params / 1e6:.2f}M trainable params | device {device} x{world} | "
+    sizes = f"{n_params / 1e6:.2f}M trainable params"
+    if cfg.lora.enabled:  # trainable / total params, and the 4-bit storage for QLoRA
+        from tinylm.lora import size_summary
+        sizes = size_summary(raw_model)
+    say(f"stage {cfg.stage} | model {cfg.model} | {sizes} | device {device} x{world} | "
         f"dtype {autocast_dtype or torch.float32} | global batch {cfg.batch_size * cfg.grad_accum * world} rows "
         f"x {cfg.seq_len} | steps {total_steps or 'until time budget'}")
 
@@ -525,6 +530,11 @@ def train(cfg: TrainConfig, objective: Any = None, log: Any = print) -> dict[str
                         best_val = val
                         if master and cfg.keep_best:  # survives keep_last's pruning (overfitting runs)
                             save_final(raw_model, tokenizer, out_dir, "best", {"step": step, "val_loss": val})
+                if master and hasattr(objective, "validation_metrics"):  # e.g. GRPO's held-out reward
+                    vm = objective.validation_metrics(raw_model)
+                    if vm:
+                        say(f"step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in vm.items()))
+                        logger.log({"step": step, **{k: round(v, 6) for k, v in vm.items()}})
             if master and cfg.sample_prompts and ((cfg.sample_every and step % cfg.sample_every == 0) or done):
                 for prompt, text in generate_samples(objective, raw_model, tokenizer, cfg, device, autocast_dtype):
                     say(f"  sample | {prompt!r} -> {text!r}")

@@ -120,6 +120,8 @@ class GRPOConfig:
         beta: KL penalty weight against the reference model (0 = no reference model).
         reward: Reward functions, comma separated: built-ins "format", "accuracy", "tag_count", or
             "module:function" paths to your own `f(prompts, completions, **columns) -> list[float]`.
+        reward_weights: One weight per reward function (same order); the reward is the weighted
+            sum. Empty = all 1.
         epsilon: PPO clip range: the ratio is clipped to [1 - epsilon, 1 + epsilon_high].
         epsilon_high: Upper clip (DAPO "clip-higher"); 0 = same as epsilon.
         loss_type: Token aggregation, as TRL: "dapo" (default; token mean over the optimizer step),
@@ -127,6 +129,9 @@ class GRPOConfig:
         scale_rewards: Advantage scaling: "group" (divide by the group's reward std, the paper),
             "batch" or "none" (Dr. GRPO: only subtract the group mean).
         ref_model: Reference model dir for the KL term; empty = frozen copy of the start (or adapters off).
+        eval_prompts: Held-out prompt file (same format as data.train); at every validation
+            (`eval_every` and the last step) the mean reward on it is logged as `val_reward`.
+        eval_samples: Completions sampled per held-out prompt (temperature `temperature`).
     """
 
     group_size: int = 4
@@ -134,11 +139,14 @@ class GRPOConfig:
     temperature: float = 1.0
     beta: float = 0.0
     reward: str = "format,accuracy"
+    reward_weights: list[float] = field(default_factory=list)
     epsilon: float = 0.2
     epsilon_high: float = 0.0
     loss_type: str = "dapo"
     scale_rewards: str = "group"
     ref_model: str = ""
+    eval_prompts: str = ""
+    eval_samples: int = 4
 
 
 @dataclass
@@ -198,7 +206,8 @@ class TrainConfig:
         grad_clip: Clip the global gradient norm to this value (0 = off).
         seed: Seed for model init, data order and dropout.
         device: "auto", "cpu", "cuda", "cuda:1", "mps". Under torchrun each rank uses cuda:LOCAL_RANK.
-        num_workers: Data loader worker processes (0 = load in the training process).
+        num_workers: Tokenizer processes used when a raw data file is prepared on first use (0 or 1 = one
+            process); training itself reads memory-mapped token files and needs no loader workers.
         report_to: "none", "tensorboard" or "wandb" (used only if the package is installed).
         run_name: Name shown in TensorBoard / W&B; empty = the out_dir name.
         lora: LoRA / QLoRA adapter settings.
@@ -325,6 +334,8 @@ def _coerce(value: Any, typ: Any, key: str, where: str) -> Any:
             value = [value]
         if not isinstance(value, list):
             raise ValueError(f"{where}: {key}={value!r} should be a list")
+        if typing.get_args(typ) == (float,):  # e.g. grpo.reward_weights
+            return [_coerce(v, float, f"{key}[{i}]", where) for i, v in enumerate(value)]
         return [str(v) for v in value]
     if typ is bool:
         if isinstance(value, bool):
