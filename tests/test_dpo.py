@@ -143,6 +143,7 @@ def test_dpo_objective_learns_preferences(tmp_path):
 
 @pytest.mark.parametrize("row,msg", [
     ({"prompt": "q", "chosen": "a", "rejected": "a"}, "identical"),
+    ({"prompt": "q", "chosen": "Yes.", "rejected": " Yes.\n"}, "identical"),  # whitespace is no preference
     ({"prompt": "q", "chosen": "a", "rejected": "  "}, "empty"),
 ])
 def test_bad_preference_rows_name_file_and_line(tmp_path, row, msg):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -107,3 +108,48 @@ def test_tinylm_train_alpaca_lora_recipe(smol, tmp_path) -> None:
     with torch.no_grad():
         peft_logits = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(final)).eval()(input_ids=ids).logits
         torch.testing.assert_close(merged.eval()(input_ids=ids).logits, peft_logits, atol=1e-4, rtol=1e-5)
+
+
+def test_export_merge_lora_on_smollm2_equals_peft(smol, tmp_path, capsys) -> None:
+    """`tinylm export BASE --merge-lora ADAPTER` for a transformers base: merged logits == PEFT(base, adapter)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tinylm.cli import main
+    from tinylm.lora import apply_lora, lora_modules, save_adapter
+
+    path, base, tok = smol
+    model = apply_lora(copy.deepcopy(base), r=4, alpha=8)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, layer in lora_modules(model):  # B starts at zero (a no-op): make the adapter matter
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.02)
+    save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(path))
+    del model
+    assert main(["export", str(path), "--out", str(tmp_path / "merged"), "--merge-lora", str(tmp_path / "adapter")]) == 0
+    assert "LlamaForCausalLM" in capsys.readouterr().out
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()  # plain transformers
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "merged")).chat_template == tok.chat_template
+    ids = tok("Give three tips for staying healthy.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        want = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "adapter")).eval()(input_ids=ids).logits
+        got = merged(input_ids=ids).logits
+        assert (want - base(input_ids=ids).logits).abs().max() > 0.05  # the adapter changes the output
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+    assert main(["export", str(path), "--out", str(tmp_path / "x")]) == 2  # no adapter: nothing to export
+
+
+def test_reason_stage_runs_on_smollm2(smol, tmp_path) -> None:
+    """Stage `reason` on a model whose tags are multi-token (`<think>` = `<`, `think`, `>`)."""
+    from tinylm.reasoning import ReasonObjective
+    from tinylm.train import train
+    from tinylm.trainconfig import load_config
+
+    path, _, _ = smol
+    cfg = load_config("recipes/reason.yaml", [
+        f"model={path}", f"out_dir={tmp_path / 'run'}", "max_steps=1", "batch_size=2", "seq_len=96", "lr=1e-4",
+        "lora.enabled=true", "lora.r=4", "log_every=1"])
+    obj = ReasonObjective(cfg)
+    summary = train(cfg, objective=obj, log=lambda *a, **k: None)
+    assert obj.tag_ids is None and obj.tag_spans is not None
+    assert summary["step"] == 1 and math.isfinite(summary["loss"])

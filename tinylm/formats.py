@@ -297,10 +297,16 @@ def parse_record(raw: object, path: str, line: int) -> Record:
         for name, resp in (("chosen", chosen), ("rejected", rejected)):
             if not any(m["role"] == "assistant" for m in resp):
                 raise err(name, "has no assistant message after the prompt")
-        if chosen == rejected:
+        if _stripped(chosen) == _stripped(rejected):  # "Yes." vs "Yes.\n" is no preference either
             raise err("rejected", "is identical to 'chosen'; a preference pair needs two different answers")
         rec.prompt, rec.chosen, rec.rejected = prompt, chosen, rejected
     return rec
+
+
+def _stripped(msgs: list[dict]) -> list[tuple]:
+    """Messages with surrounding whitespace ignored (to compare two answers)."""
+    return [(m["role"], m["content"].strip(), (m.get("reasoning_content") or "").strip(), m.get("tool_calls"))
+            for m in msgs]
 
 
 class _Err:

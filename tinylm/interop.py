@@ -91,9 +91,10 @@ def _rope_parameters(config) -> dict[str, Any]:
 
 
 def _context_length(config) -> int:
-    if config.yarn_factor > 1.0:  # HF convention: max_position_embeddings is the post-YaRN length
-        return max(config.max_position_embeddings, int(config.yarn_factor * config.yarn_original_max_position))
-    return config.max_position_embeddings
+    # HF convention: max_position_embeddings is the post-YaRN length
+    from tinylm.config import context_length
+
+    return context_length(config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,6 +242,8 @@ def export(model_dir: str | Path, out_dir: str | Path, arch: str = "auto", lora:
     if out.resolve() == src.resolve():
         raise ValueError(f"--out {out} is the model directory itself; choose a new directory")
     if raw.get("model_type") != "tinylm":
+        if lora:  # any transformers base (SmolLM2, Qwen, ...): merge the adapter, keep the architecture
+            return _export_merged_hf(src, out, lora, dtype, raw, arch)
         raise ValueError(f"{src / 'config.json'}: model_type is {raw.get('model_type')!r}, not 'tinylm' "
                          "(it is already a transformers model; nothing to export)")
     model = TinyLMForCausalLM.from_pretrained(str(src), dtype=torch.float32)
@@ -266,6 +269,28 @@ def export(model_dir: str | Path, out_dir: str | Path, arch: str = "auto", lora:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return arch
+
+
+def _export_merged_hf(src: Path, out: Path, lora: str, dtype: str | None, raw: dict[str, Any], arch: str) -> str:
+    """`export --merge-lora` for a transformers base: base + adapter merged (fp32), saved in the base's
+    own architecture and dtype (or `dtype`), with the adapter's tokenizer if it has one, else the base's."""
+    from tinylm.loading import load_model_with_adapter, resolve_dtype
+
+    mt = raw.get("model_type")
+    if arch not in ("auto", mt):
+        raise ValueError(f"--arch {arch}: {src} is a {mt} model; a merged export keeps its architecture")
+    model, _ = load_model_with_adapter(lora, base=str(src), merge=True, dtype=torch.float32)
+    stored = raw.get("dtype") or raw.get("torch_dtype") or "float32"
+    model = model.to(resolve_dtype(dtype) or resolve_dtype(stored) or torch.float32)
+    tok_src = Path(lora) if any((Path(lora) / f).exists() for f in TOKENIZER_FILES) else src
+    tmp = _staging_dir(out)
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        _copy_tokenizer(tok_src, tmp, portable=True)
+        _commit_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return mt
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,7 +463,9 @@ def model_info(model_dir: str | Path) -> dict[str, Any]:
         routed = sum(p.numel() for n, p in m.named_parameters() if ".experts." in n)
         k = getattr(cfg, "num_experts_per_tok", None)
         active = total - routed + (routed * k // n_exp if n_exp and k else routed)
-    ctx = cfg.max_position_embeddings
+    from tinylm.config import context_length
+
+    ctx = context_length(cfg)
     info.update(total_params=total, active_params=active, layers=cfg.num_hidden_layers, hidden=cfg.hidden_size,
                 vocab_size=cfg.vocab_size, context_length=ctx,
                 dtype=str(raw.get("dtype") or raw.get("torch_dtype") or "float32"))
@@ -496,7 +523,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     arch = export(args.model, args.out, arch=args.arch, lora=args.merge_lora, dtype=args.dtype)
-    print(f"wrote {args.out} as {HF_CLASS[arch]} (loads with plain transformers: "
+    print(f"wrote {args.out} as {HF_CLASS.get(arch, arch)} (loads with plain transformers: "
           f"AutoModelForCausalLM.from_pretrained({str(args.out)!r}))")
     print(f"llama.cpp: python convert_hf_to_gguf.py {args.out} --outfile model.gguf")
     return 0
@@ -528,7 +555,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--arch", default="auto", choices=("auto", *ARCHES), help="target architecture (default: auto)")
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: as stored)")
-    p.add_argument("--merge-lora", default=None, metavar="ADAPTER_DIR", help="fold a LoRA adapter in first")
+    p.add_argument("--merge-lora", default=None, metavar="ADAPTER_DIR",
+                   help="fold a LoRA adapter in first (also for a transformers base: saved merged, same architecture)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("import", help="convert a transformers Llama/Qwen3 directory to tinylm")

@@ -174,9 +174,68 @@ def _example_names(model: nn.Module) -> str:
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
+    """(trainable, total) parameter counts (4-bit NF4 weights are buffers, not parameters: see size_summary)."""
     total = sum(p.numel() for p in model.parameters())
     return sum(p.numel() for p in model.parameters() if p.requires_grad), total
+
+
+def size_summary(model: nn.Module) -> str:
+    """One line for the training start: trainable / total parameters, and for QLoRA the 4-bit storage.
+
+    e.g. `0.92M trainable / 134.52M params (0.68%) | NF4 weights 56.2 MB (fp32 406.5 MB)`. Total counts
+    the quantised weights too (stored as NF4 buffers, not parameters).
+    """
+    from tinylm.nf4 import NF4Linear, nf4_bytes
+
+    trainable, total = trainable_parameters(model)
+    q = [m for m in model.modules() if isinstance(m, NF4Linear)]
+    n_q = sum(m.in_features * m.out_features for m in q)
+    total += n_q
+    out = f"{trainable / 1e6:.2f}M trainable / {total / 1e6:.2f}M params ({100 * trainable / max(total, 1):.2f}%)"
+    if q:
+        out += f" | NF4 weights {nf4_bytes(model) / 1e6:.1f} MB (fp32 {4 * n_q / 1e6:.1f} MB)"
+    return out
+
+
+def check_base_model(spec: str) -> None:
+    """Refuse LoRA on a preset name: the adapter would record `base_model_name_or_path = "tiny"`, and every
+    later load (chat, serve, export, resume on another machine) rebuilds a *different* random base."""
+    from tinylm.config import PRESETS
+
+    if spec in PRESETS and not Path(spec).exists():
+        raise ValueError(
+            f"config: lora.enabled with model={spec!r}, a preset (random weights, drawn anew on every load): an "
+            f"adapter is only meaningful on a saved base model directory. Train one (recipes/pretrain.yaml) or "
+            f"save a fresh one (`tinylm init --preset {spec} --out DIR`), then pass model=DIR")
+
+
+def _same_base(recorded: str, loaded: str) -> bool:
+    """True when an adapter's recorded base and the loaded model's path name the same model.
+
+    Local paths are compared resolved; a hub id (not a local path) matches a directory of the same name
+    (`HuggingFaceTB/SmolLM2-135M-Instruct` ~ `models/SmolLM2-135M-Instruct`).
+    """
+    a, b = Path(recorded), Path(loaded)
+    if a.exists() and b.exists():
+        return a.resolve() == b.resolve()
+    return a.name.lower() == b.resolve().name.lower() or recorded == loaded
+
+
+def warn_if_other_base(model: nn.Module, adapter_cfg: dict[str, Any], adapter_dir: str | os.PathLike) -> bool:
+    """Print a warning when the adapter was trained on another base than the model it is loaded into.
+
+    Shapes are checked separately (an error); this catches same-shape bases with other weights, e.g.
+    another checkpoint of the same run. Returns True when it warned.
+    """
+    import sys
+
+    recorded = str(adapter_cfg.get("base_model_name_or_path") or "")
+    loaded = str(getattr(model, "name_or_path", "") or "")
+    if not recorded or not loaded or _same_base(recorded, loaded):
+        return False
+    print(f"warning: {adapter_dir}: the adapter was trained on base {recorded!r}, but it is being applied to "
+          f"{loaded!r}; the output may be wrong unless that is the same model", file=sys.stderr)
+    return True
 
 
 @contextlib.contextmanager
@@ -306,11 +365,13 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, quantize: str
     """Add the adapters stored in adapter_dir (ours or PEFT's) to `model`; returns the model.
 
     Raises ValueError naming the first tensor whose module is missing or whose shape differs
-    (an adapter made for another base model).
+    (an adapter made for another base model); prints a warning when the adapter's recorded
+    base_model_name_or_path is not the model's own path (same shapes, maybe other weights).
     """
     from safetensors.torch import load_file
 
     cfg = read_adapter_config(adapter_dir)
+    warn_if_other_base(model, cfg, adapter_dir)
     weights_path = Path(adapter_dir) / ADAPTER_WEIGHTS
     if not weights_path.is_file():
         raise FileNotFoundError(f"{adapter_dir}: no {ADAPTER_WEIGHTS} (adapter_model.bin is not read: "

@@ -216,7 +216,8 @@ def resolve_resume(cfg: TrainConfig) -> Path | None:
 def apply_adapters(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
     """LoRA / QLoRA hook: freezes the model and adds adapters when cfg.lora.enabled (tinylm/lora.py)."""
     if cfg.lora.enabled:
-        from tinylm.lora import apply_lora  # post-training module
+        from tinylm.lora import apply_lora, check_base_model  # post-training module
+        check_base_model(cfg.model)  # a preset is re-drawn on every load: the adapter would lose its base
         model = apply_lora(model, cfg.lora)
         model.lora_settings["base_model"] = cfg.model  # written to adapter_config.json
     return model
