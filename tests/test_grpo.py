@@ -155,3 +155,125 @@ def test_grpo_objective_step(tmp_path):
     cfg.batch_size = 6
     with pytest.raises(ValueError, match="multiple of grpo.group_size"):
         GRPOObjective(cfg).setup(model, tok, cfg, torch.device("cpu"))
+
+
+# -- learning, held-out reward, reference paths (scripted micro setup: a 20-word tokenizer) -------------
+
+def letter_a_reward(prompts, completions, **kw):
+    """Scripted reward: the number of words 'a' in the completion / 6 (loaded as "test_grpo:letter_a_reward")."""
+    return [t.split().count("a") / 6 for t in completions]
+
+
+def _word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<eos>", "user", "assistant"] + list("abcdefghijklmnop")
+    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", eos_token="<eos>")
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} <eos> {% endfor %}"
+                         "{% if add_generation_prompt %}assistant {% endif %}")
+    return tok
+
+
+def _word_model(tok, seed=0):
+    from tinylm.config import TinyLMConfig
+    from tinylm.model import TinyLMForCausalLM
+
+    torch.manual_seed(seed)
+    return TinyLMForCausalLM(TinyLMConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                          eos_token_id=1, pad_token_id=0))
+
+
+def _prompt_file(path, prompts):
+    import json
+
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    return path
+
+
+def test_grpo_training_raises_held_out_reward(tmp_path):
+    """GRPO through `tinylm train`: mean reward rises on the training prompts AND on held-out prompts
+    (`grpo.eval_prompts` -> val_reward rows), tokens/s counts the sampled tokens, the console shows reward."""
+    import json
+
+    from tinylm.grpo import evaluate_rewards
+    from tinylm.train import train
+    from tinylm.trainconfig import load_config
+
+    tok = _word_tokenizer()
+    base = _word_model(tok)
+    base.save_pretrained(str(tmp_path / "base"))
+    tok.save_pretrained(str(tmp_path / "base"))
+    train_p = _prompt_file(tmp_path / "train.jsonl", ["b c", "d e f", "g", "h i", "j k l", "m", "n o", "p b"])
+    held = ["c d", "e", "f g h", "i j"]
+    eval_p = _prompt_file(tmp_path / "eval.jsonl", held)
+    before = evaluate_rewards(base, tok, [{"prompt": p} for p in held], [letter_a_reward], 4, 6, seed=3)["reward"]
+    cfg = load_config(None, [
+        "stage=grpo", f"model={tmp_path / 'base'}", f"data.train={train_p}", f"out_dir={tmp_path / 'run'}",
+        "batch_size=16", "max_steps=8", "lr=3e-2", "warmup_steps=0", "min_lr=3e-2", "weight_decay=0",
+        "log_every=1", "eval_every=4", "save_every=0", "dtype=fp32", "device=cpu", "seed=3",
+        "grpo.group_size=4", "grpo.max_new_tokens=6", "grpo.reward=test_grpo:letter_a_reward",
+        "grpo.reward_weights=[2.0]", f"grpo.eval_prompts={eval_p}", "grpo.eval_samples=4"])
+    lines = []
+    train(cfg, log=lines.append)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    vals = [r for r in rows if "val_reward" in r]
+    assert [r["step"] for r in vals] == [4, 8]
+    assert steps[0]["reward"] < 0.5 and steps[-1]["reward"] > 1.5, [r["reward"] for r in steps]  # max 2 (weight 2)
+    assert steps[-1]["reward"] == pytest.approx(2 * steps[-1]["rewards/letter_a_reward"])
+    assert vals[-1]["val_reward"] == pytest.approx(2 * vals[-1]["val_rewards/letter_a_reward"])
+    assert vals[-1]["val_reward"] > 2 * before + 1.0, (before, vals)  # held-out prompts improve too
+    assert all(r["tokens_per_s"] > 0 for r in steps) and steps[-1]["tokens_seen"] > 8 * 16 * 5
+    assert any("| reward " in x and "reward_std" in x for x in lines)
+    assert any("val_reward" in x for x in lines)
+
+
+def test_grpo_reward_weights_must_match_functions(tmp_path):
+    from tinylm.grpo import GRPOObjective
+    from tinylm.trainconfig import TrainConfig
+
+    tok = _word_tokenizer()
+    cfg = TrainConfig(stage="grpo", batch_size=8)
+    cfg.data.train = str(_prompt_file(tmp_path / "p.jsonl", ["b"]))
+    cfg.grpo.reward, cfg.grpo.reward_weights = "format,accuracy", [1.0]
+    with pytest.raises(ValueError, match="2 reward functions"):
+        GRPOObjective(cfg).setup(_word_model(tok), tok, cfg, torch.device("cpu"))
+
+
+def test_grpo_kl_reference_adapters_off_and_ref_model_dir(tmp_path):
+    """beta > 0: the k3 KL is taken against the base with LoRA adapters off (no copy), or grpo.ref_model=DIR."""
+    from tinylm.grpo import GRPOObjective, completion_logps, grpo_loss
+    from tinylm.lora import apply_lora, lora_modules
+    from tinylm.trainconfig import TrainConfig
+
+    tok = _word_tokenizer()
+    other = _word_model(tok, seed=7)
+    other.save_pretrained(str(tmp_path / "other"))
+    tok.save_pretrained(str(tmp_path / "other"))
+    for ref_dir in ("", str(tmp_path / "other")):
+        base_copy = _word_model(tok) if not ref_dir else _word_model(tok, seed=7)
+        policy = apply_lora(_word_model(tok), r=4, alpha=8)
+        with torch.no_grad():
+            for _, layer in lora_modules(policy):
+                layer.lora_B.weight.normal_(0, 0.3)
+        cfg = TrainConfig(stage="grpo", batch_size=8)
+        cfg.data.train = str(_prompt_file(tmp_path / "p.jsonl", ["b c", "d"]))
+        cfg.grpo.max_new_tokens, cfg.grpo.beta, cfg.grpo.ref_model = 5, 0.1, ref_dir
+        cfg.grpo.reward = "test_grpo:letter_a_reward"
+        obj = GRPOObjective(cfg)
+        obj.setup(policy, tok, cfg, torch.device("cpu"))
+        assert (obj.ref.model is None) == (not ref_dir)  # adapters off: no second model in memory
+        prompts, comps = [[2, 5, 6, 1, 3], [2, 7, 1, 3]], [[4, 4, 9], [10, 1]]
+        logits_fn = lambda m: (lambda i, a: m(i, attention_mask=a).logits)  # noqa: E731
+        with torch.no_grad():
+            want, mask = completion_logps(logits_fn(base_copy), prompts, comps, torch.device("cpu"))
+            got, _ = completion_logps(obj.ref, prompts, comps, torch.device("cpu"))
+            lp, _ = completion_logps(logits_fn(policy), prompts, comps, torch.device("cpu"))
+        torch.testing.assert_close(got, want)
+        assert not torch.allclose(lp, want, atol=1e-3)
+        _, _, m = grpo_loss(lp, lp, torch.zeros(2), mask, got, beta=0.1)
+        assert m["kl"] > 1e-4

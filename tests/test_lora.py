@@ -194,3 +194,40 @@ def test_export_merge_lora_gives_adapter_logits(tmp_path) -> None:
     assert "lora" not in "".join(hf.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(hf(input_ids=IDS).logits, model(IDS).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_adapter_for_another_base_warns_in_chat_and_serve_loading(tmp_path, capsys, monkeypatch) -> None:
+    """Same shapes, other weights: `chat/serve --lora` (load_for_inference -> load_adapter) warns."""
+    from tinylm.chat import load_for_inference
+    from tinylm.tokenizer import load_tokenizer
+
+    tok = load_tokenizer()
+    for name, seed in (("a", 0), ("b", 1), ("SmolLM2-135M-Instruct", 0)):
+        tiny_model(seed, vocab_size=len(tok)).save_pretrained(str(tmp_path / name))
+        tok.save_pretrained(str(tmp_path / name))
+    model = apply_lora(tiny_model(0, vocab_size=len(tok)), r=4, alpha=8)
+    monkeypatch.chdir(tmp_path)
+    save_adapter(model, tmp_path / "ad", base_model_name_or_path="a")  # relative, as `model: runs/x/final`
+    save_adapter(model, tmp_path / "ad_hub", base_model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct")
+    capsys.readouterr()
+    load_for_inference(str(tmp_path / "a"), lora=str(tmp_path / "ad"), device="cpu")
+    load_for_inference(str(tmp_path / "SmolLM2-135M-Instruct"), lora=str(tmp_path / "ad_hub"), device="cpu")
+    assert "warning" not in capsys.readouterr().err  # same base (resolved path; hub id ~ same-named dir)
+    load_for_inference(str(tmp_path / "b"), lora=str(tmp_path / "ad"), device="cpu")
+    err = capsys.readouterr().err
+    assert "warning:" in err and "trained on base 'a'" in err and str(tmp_path / "b") in err
+
+
+def test_size_summary_counts_nf4_weights() -> None:
+    from tinylm.lora import size_summary
+    from tinylm.nf4 import nf4_bytes
+
+    big = dict(hidden_size=256, intermediate_size=512)
+    plain = apply_lora(tiny_model(**big), r=4)
+    q = apply_lora(tiny_model(**big), r=4, quantize="nf4")
+    n_lora, _ = trainable_parameters(plain)
+    total = sum(p.numel() for p in tiny_model(**big).parameters()) + n_lora
+    assert f"{n_lora / 1e6:.2f}M trainable / {total / 1e6:.2f}M params" in size_summary(plain)
+    assert "NF4" not in size_summary(plain)
+    assert f"/ {total / 1e6:.2f}M params" in size_summary(q)  # 4-bit weights (buffers) still counted
+    assert f"NF4 weights {nf4_bytes(q) / 1e6:.1f} MB" in size_summary(q)

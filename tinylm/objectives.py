@@ -18,6 +18,9 @@ A stage = a kind of data + an objective. An objective is any object with these m
         metrics: extra scalars averaged over micro-batches and logged (e.g. "aux_loss", "rewards/margins").
     sample_ids(text) -> list[int]
         Token ids of one `sample_prompts` entry (raw text for pretraining, chat-formatted otherwise).
+    validation_metrics(model) -> dict[str, float]   (optional)
+        Extra validation numbers, logged on rank 0 as a row of their own at every validation
+        (e.g. GRPO's held-out reward `val_reward`, where a validation loss means nothing).
 
 Plugging in a new stage (how dpo / distill / reason / grpo are added):
   1. write the objective class in its own module (e.g. tinylm/dpo.py `class DPOObjective`),

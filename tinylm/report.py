@@ -278,8 +278,27 @@ def _expert_load(rows: list[dict]) -> tuple[list[int], list[list[float]]]:
     return steps, loads
 
 
+def _rows_with(run: Run, key: str) -> list[dict]:
+    """Training rows with `key`, or (validation metrics without a val_loss, e.g. GRPO's val_reward)
+    the matching rows of metrics.jsonl, which load_run does not keep."""
+    rows = [r for r in run.train if key in r]
+    if rows or not key.startswith("val_"):
+        return rows
+    out = []
+    path = run.path / "metrics.jsonl"
+    for line in (path.read_text(encoding="utf-8").splitlines() if path.is_file() else []):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "step" in row and _finite(row.get(key)):
+            out.append(row)
+    return out
+
+
 def plot_runs(runs: list[Run], out_dir: str | Path) -> list[Path]:
-    """Write loss / val_loss / lr / throughput / grad_norm (/ expert_load) PNGs; several runs share axes."""
+    """Write loss / val_loss / lr / throughput / grad_norm (/ reward, DPO margins and accuracy, expert_load)
+    PNGs; several runs share axes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -321,9 +340,34 @@ def plot_runs(runs: list[Run], out_dir: str | Path) -> list[Path]:
                     ax.plot(vx, vy, "o--", color=c, ms=3, lw=1, label=f"{run.name} val")
             else:
                 ax.plot(x, y, color=c, marker="o" if key == "val_loss" else None, ms=3, label=run.name)
-        if key == "grad_norm":
-            ax.set_yscale("log")
+        if key == "grad_norm" and any(v > 0 for r in runs for v in _series(r.train, key)[1]):
+            ax.set_yscale("log")  # (GRPO groups without reward variance give exactly 0)
         ax.set(xlabel="step", ylabel=title, title=title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        save(fig, fname)
+
+    # Post-training curves, when the rows have them: GRPO's reward (its loss is ~0 on-policy) with the
+    # held-out val_reward, DPO's reward margin and pair accuracy (as TRL logs them).
+    post = [(("reward", "val_reward"), "mean reward (GRPO; val = held-out prompts)", "reward.png"),
+            (("rewards/margins",), "DPO reward margin (chosen - rejected)", "dpo_margins.png"),
+            (("rewards/accuracies",), "DPO accuracy (pairs ranked right)", "dpo_accuracy.png")]
+    for keys, title, fname in post:
+        series = [[_series(_rows_with(run, k), k) for k in keys] for run in runs]
+        if not any(x for per_run in series for x, _ in per_run):
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for k, (run, per_run) in enumerate(zip(runs, series)):
+            c = colors[k % len(colors)]
+            for key, (x, y) in zip(keys, per_run):
+                if not x:
+                    continue
+                if key.startswith("val_"):
+                    ax.plot(x, y, "o--", color=c, ms=3, lw=1, label=f"{run.name} {key}")
+                else:
+                    ax.plot(x, y, color=c, alpha=0.25, lw=0.8)
+                    ax.plot(x, smooth(y), color=c, lw=1.8, label=f"{run.name} {key} (smoothed)")
+        ax.set(xlabel="step", ylabel=title.split(" (")[0], title=title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         save(fig, fname)
