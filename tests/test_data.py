@@ -285,6 +285,41 @@ def test_sft_rows_masks_truncation_pack(tmp_path, tok):
     assert all(len(i) <= 200 for i, _ in got2) and len(got2) < len(got1) == 30
     assert mp_["n_tokens"] == one["n_tokens"] and mp_["n_trained_tokens"] == one["n_trained_tokens"]
     np.testing.assert_array_equal(np.concatenate([i for i, _ in got2]), np.concatenate([i for i, _ in got1]))
+    # each packed conversation's first token is marked (mask bit 1); bit 0 is the unpacked loss mask
+    np.testing.assert_array_equal(np.concatenate([m for _, m in got2]) & 1, np.concatenate([m for _, m in got1]))
+    assert sum(int((m & 2 > 0).sum()) for _, m in got2) == 30 and all(m[0] & 2 for _, m in got2)
+
+
+def test_packed_sft_loss_equals_unpacked(tmp_path, tok):
+    """Packing changes speed, not the loss: positions restart and attention stays inside each
+    conversation, so every token's loss is the same as in its own unpadded row."""
+    from tinylm.config import TinyLMConfig
+    from tinylm.dataset import collate
+    from tinylm.model import TinyLMForCausalLM
+    from tinylm.objectives import LMObjective
+    from tinylm.trainconfig import TrainConfig
+
+    p = write_jsonl(tmp_path / "sft.jsonl", convs(12, seed=3))
+    prep.prepare([p], str(tmp_path / "one"), "sft", tok, seq_len=256, log=lambda s: None)
+    prep.prepare([p], str(tmp_path / "pk"), "sft", tok, seq_len=256, pack=True, log=lambda s: None)
+    one, pk = TokenDataset(str(tmp_path / "one")), TokenDataset(str(tmp_path / "pk"))
+    assert len(pk) < len(one)
+    torch.manual_seed(0)
+    model = TinyLMForCausalLM(TinyLMConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96,
+                                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                           max_position_embeddings=256)).eval()
+    obj = LMObjective(TrainConfig())
+    with torch.no_grad():
+        total_one = sum(float(obj.loss(model, collate(one, [i]))[0]) for i in range(len(one)))
+        packed = collate(pk, list(range(len(pk))))  # all packed rows in one right-padded batch
+        assert "position_ids" in packed and int((packed["position_ids"] == 0).sum()) >= 12
+        loss_pk, n_pk, _ = obj.loss(model, packed)
+        plain = {k: v for k, v in packed.items() if k != "position_ids"}  # without the restarts...
+        loss_leaky, _, _ = obj.loss(model, plain)
+    assert int(n_pk) == sum(int(one[i]["labels"][1:].ne(-100).sum()) for i in range(len(one)))
+    assert float(loss_pk) == pytest.approx(total_one, rel=1e-5)
+    # ...conversations would see each other: a difference far above the packed path's rounding
+    assert abs(float(loss_leaky) - total_one) > 20 * abs(float(loss_pk) - total_one) + 1e-4 * total_one
 
 
 # ----------------------------------------------------------------------------- batches

@@ -132,6 +132,19 @@ def test_left_padded_batch_matches(exported, name):
 
 
 @pytest.mark.parametrize("name", PARITY)
+def test_packed_sequences_match(exported, name):
+    """Packed rows (position_ids restarting per sequence, no attention mask, no cache): transformers' packed-
+    sequence masking, which tinylm's packed SFT relies on; each piece equals its own forward."""
+    model, hf, _ = exported(name)
+    x = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(5))
+    pos = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3], list(range(12))])
+    with torch.no_grad():
+        a, b = model(x, position_ids=pos).logits, hf(x, position_ids=pos, use_cache=False).logits
+        assert max_diff(a, b) <= TOL
+        assert max_diff(a[0, 5:8], model(x[0:1, 5:8]).logits[0]) <= TOL
+
+
+@pytest.mark.parametrize("name", PARITY)
 def test_greedy_generate_identical(exported, name):
     model, hf, _ = exported(name)
     x = torch.randint(3, 96, (2, 6), generator=torch.Generator().manual_seed(4))

@@ -455,3 +455,22 @@ def test_tensorboard_and_wandb_receive_metrics(workdir, monkeypatch):
     train(cfg, log=lambda *a: None)
     assert calls["init"]["name"] == "demo" and calls["init"]["config"]["max_steps"] == 2
     assert any("loss" in keys and step == 2 for keys, step in calls["wandb"]) and "wandb" in calls["closed"]
+
+
+def test_checkpoint_is_a_model_directory(workdir):
+    """A full-weight checkpoint also holds config.json + tokenizer: chat / eval / export load it directly."""
+    from tinylm.cli import main
+    from tinylm.loading import load_model
+
+    cfg = make_cfg(workdir, "ckdir", max_steps=4, save_every=2, keep_last=2)
+    train(cfg, log=lambda *a: None)
+    ckpt = latest_checkpoint(cfg.out_dir)
+    assert ckpt.name == "step_0000004"
+    a, tok = load_model(str(ckpt))
+    b, _ = load_model(str(Path(cfg.out_dir) / "final"))
+    x = torch.tensor([tok.encode("the cat sat")])
+    with torch.no_grad():
+        torch.testing.assert_close(a(x).logits, b(x).logits)
+    assert main(["info", str(ckpt)]) == 0
+    fresh, _ = load_model(str(workdir / "model"))
+    assert load_checkpoint(ckpt, fresh)["step"] == 4  # still a resumable checkpoint

@@ -8,6 +8,9 @@ Layout of one checkpoint (`out_dir/checkpoints/step_0000500/`):
                         RNG states (torch CPU/CUDA as uint8 tensors, numpy and python as plain
                         lists), GradScaler state
     config.yaml         the resolved training config
+    config.json, generation_config.json, tokenizer files
+                        (full-weight runs) so the checkpoint is also a model directory:
+                        `tinylm chat / eval / export runs/x/checkpoints/step_0000500` work on it
 
 Atomicity: everything is written into a hidden temporary directory next to the target and
 then renamed with `os.replace`, so a crash mid-save leaves the previous checkpoints intact and
@@ -21,6 +24,7 @@ import random
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -110,8 +114,10 @@ def replace_dir(tmp: Path, final: Path) -> None:
 
 def save_checkpoint(out_dir: str | os.PathLike, step: int, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any],
-                    config_yaml: str = "", keep_last: int = 2) -> Path:
-    """Write checkpoint `step` atomically, then delete all but the newest `keep_last`."""
+                    config_yaml: str = "", keep_last: int = 2,
+                    model_files: Callable[[Path], None] | None = None) -> Path:
+    """Write checkpoint `step` atomically, then delete all but the newest `keep_last`.
+    `model_files(dir)` adds files into the checkpoint before it is committed (model config, tokenizer)."""
     final = checkpoint_dir(out_dir, step)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp_{final.name}_"))
@@ -120,6 +126,8 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, model: torch.nn.Modul
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         if config_yaml:
             (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
+        if model_files is not None:
+            model_files(tmp)
         state = dict(trainer_state)
         state["rng"] = rng_state()
         torch.save(state, tmp / "trainer_state.pt")  # written last: marks the checkpoint complete

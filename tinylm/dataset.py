@@ -11,7 +11,9 @@ exactly the same future batches, which makes a resumed run bit-identical to an u
 
 SFT rows have different lengths, so batches are padded dynamically to the longest row in the
 batch (not to seq_len): labels are -100 on padding and on non-assistant tokens, and an
-attention_mask marks the real tokens.
+attention_mask marks the real tokens. Packed SFT rows (`--pack`, `data.packing`) also get
+position_ids that restart at each conversation; the model turns a restart into a block-diagonal
+causal mask (transformers' packed-sequence convention), so packing changes speed, not the loss.
 
 `load_token_dataset` lets a recipe point at a raw .jsonl: it is prepared once into a cache
 directory keyed by the file contents, tokenizer and settings, then memory-mapped.
@@ -77,7 +79,7 @@ class TokenDataset(torch.utils.data.Dataset):
         input_ids = torch.from_numpy(ids.astype(np.int64))
         labels = input_ids.clone()
         if mask is not None:
-            labels[torch.from_numpy(mask == 0)] = IGNORE_INDEX
+            labels[torch.from_numpy((mask & 1) == 0)] = IGNORE_INDEX
         return {"input_ids": input_ids, "labels": labels}
 
 
@@ -99,14 +101,23 @@ def collate(dataset: TokenDataset, indices: list[int] | np.ndarray, seq_len: int
     input_ids = torch.full((B, T), dataset.pad_id, dtype=torch.long)
     labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((B, T), dtype=torch.long)
+    packed = any(m is not None and bool((m & 2).any()) for _, m in rows)
+    position_ids = torch.zeros((B, T), dtype=torch.long) if packed else None
     for b, (ids, m) in enumerate(rows):
         n = len(ids)
         x = torch.from_numpy(ids.astype(np.int64))
         input_ids[b, :n] = x
         attention_mask[b, :n] = 1
-        labels[b, :n] = x if m is None else torch.where(torch.from_numpy(m.astype(bool)), x, IGNORE_INDEX)
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-            "n_tokens": int(attention_mask.sum()), "n_targets": int((labels[:, 1:] != IGNORE_INDEX).sum())}
+        labels[b, :n] = x if m is None else torch.where(torch.from_numpy((m & 1).astype(bool)), x, IGNORE_INDEX)
+        if position_ids is not None:  # restart at each packed conversation (mask bit 1)
+            starts = np.flatnonzero(m & 2) if m is not None else np.zeros(0, dtype=np.int64)
+            pos = np.arange(n) - np.maximum.accumulate(np.where(np.isin(np.arange(n), starts), np.arange(n), 0))
+            position_ids[b, :n] = torch.from_numpy(pos)
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+             "n_tokens": int(attention_mask.sum()), "n_targets": int((labels[:, 1:] != IGNORE_INDEX).sum())}
+    if position_ids is not None:
+        batch["position_ids"] = position_ids
+    return batch
 
 
 class BatchIterator:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tinylm.objectives import SFTObjective
+from tinylm.objectives import SFTObjective, lm_inputs
 
 
 def distill_loss(
@@ -92,11 +92,10 @@ class DistillObjective(SFTObjective):
         self.alpha, self.temperature = d.alpha, d.temperature
 
     def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, dict[str, float]]:
-        ids, labels = batch["input_ids"], batch["labels"]
-        attn = batch.get("attention_mask")
-        out = model(input_ids=ids, attention_mask=attn, use_cache=False)
+        labels = batch["labels"]
+        out = model(**lm_inputs(model, batch), use_cache=False)
         with torch.no_grad():
-            t_logits = self.teacher(input_ids=ids, attention_mask=attn, use_cache=False).logits
+            t_logits = self.teacher(**lm_inputs(self.teacher, batch), use_cache=False).logits
         loss_sum, n, metrics = distill_loss(out.logits, t_logits, labels, self.alpha, self.temperature)
         aux = getattr(out, "aux_loss", None)
         if aux is not None and aux.requires_grad:

@@ -281,15 +281,27 @@ class TinyLMModel(TinyLMPreTrainedModel):
             past = cache.get_seq_length() if cache is not None else 0
             positions = position_ids if position_ids is not None else torch.arange(past, past + t, device=device)[None]
             mask = None  # pure causal: SDPA's is_causal fast path
-            if attention_mask is not None and not bool(attention_mask.all()):
-                s = attention_mask.shape[1]
+            segments = None  # (B, T) packed-sequence ids: attention stays inside each sequence
+            if position_ids is not None and past == 0 and t > 1:
+                # transformers' packed-sequence convention: a position that does not follow its left
+                # neighbour by 1 starts a new sequence (packed SFT rows restart at 0 per conversation).
+                starts = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1) != 1
+                if bool(starts[:, 1:].any()):
+                    segments = starts.cumsum(-1).expand(b, t)
+            padded = attention_mask is not None and not bool(attention_mask.all())
+            if padded or segments is not None:
+                s = attention_mask.shape[1] if attention_mask is not None else t
                 q_pos = torch.arange(past, past + t, device=device)
                 causal = torch.arange(s, device=device)[None, :] <= q_pos[:, None]  # (T, S)
-                mask = causal[None] & attention_mask[:, None, :].bool()  # (B, T, S)
+                mask = causal[None].expand(b, t, s)  # (B, T, S)
+                if attention_mask is not None:
+                    mask = mask & attention_mask[:, None, :].bool()
+                if segments is not None:  # block-diagonal: (past == 0, so S == T)
+                    mask = mask & (segments[:, :, None] == segments[:, None, :])
                 # A padding query that sees no key would give NaN: let it see itself (its output is ignored).
                 mask = mask | (torch.arange(s, device=device)[None, None, :] == q_pos[None, :, None])
                 mask = mask[:, None]
-                token_mask = attention_mask[:, -t:]
+                token_mask = attention_mask[:, -t:] if attention_mask is not None else None
             elif past > 0 and t > 1:
                 causal = torch.arange(past + t, device=device)[None, :] <= torch.arange(past, past + t, device=device)[:, None]
                 mask = causal[None, None]

@@ -52,6 +52,17 @@ class Objective(Protocol):
     def sample_ids(self, text: str) -> list[int]: ...
 
 
+def lm_inputs(model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
+    """Forward inputs of a batch. Packed SFT rows carry position_ids that restart at each
+    conversation: tinylm turns a restart into a block-diagonal causal mask (each conversation sees
+    only itself). Other transformers models honour that only without an attention mask, so for them
+    the position_ids are left out and packed conversations share attention (plain packing)."""
+    kw = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
+    if batch.get("position_ids") is not None and _is_tinylm(model):
+        kw["position_ids"] = batch["position_ids"]
+    return kw
+
+
 def causal_lm_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]
                        ) -> tuple[torch.Tensor, torch.Tensor, Any]:
     """Summed next-token cross-entropy over supervised targets, for any HF causal LM.
@@ -60,7 +71,7 @@ def causal_lm_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]
     optional attention_mask (B, T). Returns (ce_sum, n_tokens, model output).
     We compute CE from the logits ourselves so the sum/count split works for every model.
     """
-    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
+    out = model(**lm_inputs(model, batch), use_cache=False)
     logits = out.logits[:, :-1]                          # (B, T-1, V): position t predicts token t+1
     targets = batch["labels"][:, 1:]                     # (B, T-1)
     ce_sum = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
@@ -95,8 +106,7 @@ class LMObjective:
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any, dict]:
         if _is_tinylm(model):  # fused chunked lm_head + CE, no (B, T, V) logits (docs/performance.md)
             n_tokens = (batch["labels"][:, 1:] != -100).sum()
-            out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False,
-                        labels=batch["labels"], num_items_in_batch=n_tokens.clamp(min=1), return_logits=False)
+            out = model(**lm_inputs(model, batch), use_cache=False, labels=batch["labels"], num_items_in_batch=n_tokens.clamp(min=1), return_logits=False)
             fused_metrics = {"aux_loss": out.aux_loss.detach()} if out.aux_loss.requires_grad else {}
             return out.loss * n_tokens, n_tokens, fused_metrics  # = ce_sum + aux * n_tokens
         ce_sum, n_tokens, out = causal_lm_loss_sum(model, batch)

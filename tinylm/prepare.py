@@ -5,7 +5,8 @@ multi-GB jsonl into Python lists does not fit in RAM. Like nanoGPT's `prepare.py
 uint16 ids) we write a flat token stream, plus what chat training needs:
 
   DIR/tokens.bin   all rows back to back, uint16 (vocab < 65536) or uint32
-  DIR/mask.bin     uint8 loss mask, 1 = trained token (sft only)
+  DIR/mask.bin     uint8 per token (sft only): bit 0 = trained token; bit 1 = first token of a
+                   conversation in a packed row (training restarts positions and attention there)
   DIR/offsets.npy  int64 (n_rows + 1,): row i = tokens[offsets[i]:offsets[i+1]]
   DIR/meta.json    kind, seq_len, vocab_size, dtype, eos/pad ids, counts, sources, tokenizer hash
   DIR/val/...      the same layout for the validation split (--val-fraction)
@@ -13,7 +14,8 @@ uint16 ids) we write a flat token stream, plus what chat training needs:
 Pretraining documents are joined with the document separator (`<|endoftext|>`) and packed into
 rows of exactly seq_len tokens (no padding; long documents continue in the next row; only the
 very last row may be shorter, and that is reported). SFT keeps one conversation per row
-(truncated to seq_len and counted) or, with --pack, greedily packs whole conversations.
+(truncated to seq_len and counted) or, with --pack, greedily packs whole conversations; each packed
+conversation is marked so that it attends only to itself (same loss as unpacked, no padding).
 
 The pipeline streams: lines are read lazily, encoded by a multiprocessing pool in chunks with a
 bounded number in flight, and the results are written in input order, so N workers produce the
@@ -38,7 +40,8 @@ import numpy as np
 from tinylm.chat_format import encode_chat, encode_preference
 from tinylm.formats import DataError, ReadStats, check_kind, iter_raw, parse_record
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: packed SFT rows mark conversation starts (mask bit 1)
+TRAINED, DOC_START = 1, 2  # mask.bin bits
 CHUNK_BYTES = 1 << 20  # raw text per worker task
 
 
@@ -197,7 +200,7 @@ class RowWriter:
         ids.astype(self.dtype, copy=False).tofile(self.tok_f)
         if self.mask_f is not None:
             mask.astype(np.uint8, copy=False).tofile(self.mask_f)
-            self.n_trained += int(mask.sum())
+            self.n_trained += int((mask & TRAINED).sum())
         self.offsets.append(self.offsets[-1] + len(ids))
 
     def abort(self) -> None:
@@ -276,6 +279,8 @@ class SFTRows:
             return
         if self.n + len(ids) > self.seq_len:
             self.flush()
+        mask = mask.copy()
+        mask[0] |= DOC_START  # a packed conversation: positions and attention restart here
         self.ids.append(ids)
         self.masks.append(mask)
         self.n += len(ids)

@@ -30,7 +30,7 @@ import re
 import torch
 import torch.nn.functional as F
 
-from tinylm.objectives import SFTObjective
+from tinylm.objectives import SFTObjective, lm_inputs
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
@@ -177,7 +177,7 @@ class ReasonObjective(SFTObjective):
         self.tag_spans = None if self.tag_ids is not None else TagSpans(tokenizer)
 
     def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, dict[str, float]]:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
+        out = model(**lm_inputs(model, batch), use_cache=False)
         if self.tag_spans is not None:
             loss_sum, n = tag_weighted_loss(out.logits, batch["labels"], tag_weight=self.tag_weight,
                                             tag_mask=self.tag_spans.mask(batch["input_ids"]))

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from tinylm.hf_compat import enable_checkpointing
+from tinylm.tokenizer import save_pretrained_portable
 from tinylm.trainconfig import TrainConfig, config_to_dict, load_config, save_config
 
 
@@ -228,7 +229,6 @@ def save_final(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path, name
     """HF-format model directory with tokenizer + generation config, written atomically to out_dir/NAME
     (`final`, or `best`: the weights of the lowest validation loss). `info` goes to training_info.json."""
     from tinylm.checkpoint import replace_dir
-    from tinylm.tokenizer import save_pretrained_portable
 
     final = Path(out_dir) / name
     tmp = Path(tempfile.mkdtemp(dir=Path(out_dir), prefix=f".tmp_{name}_"))
@@ -435,6 +435,14 @@ def train(cfg: TrainConfig, objective: Any = None, log: Any = print) -> dict[str
         raise NonFiniteLossError(_nonfinite_message(what, grad_norm if what == "gradient norm" else loss,
                                                     at_step, out_dir))
 
+    def model_files(d: Path) -> None:  # full weights: the checkpoint doubles as a model directory
+        if getattr(raw_model, "lora_settings", None) is None and hasattr(raw_model, "config"):
+            raw_model.config.save_pretrained(str(d))
+            if getattr(raw_model, "generation_config", None) is not None:
+                raw_model.generation_config.save_pretrained(str(d))
+            if tokenizer is not None:
+                save_pretrained_portable(tokenizer, d)
+
     def save(at_step: int) -> None:
         if not master:
             return
@@ -442,7 +450,7 @@ def train(cfg: TrainConfig, objective: Any = None, log: Any = print) -> dict[str
             "step": at_step, "tokens_seen": tokens_seen, "elapsed_s": elapsed_before + time.time() - t_start,
             "data": train_it.state_dict(), "scaler": scaler.state_dict() if use_scaler else {},
             "total_steps": total_steps, "world_size": world, "best_val": best_val,
-        }, config_yaml, cfg.keep_last)
+        }, config_yaml, cfg.keep_last, model_files)
         if getattr(raw_model, "lora_settings", None) is not None:  # the adapter alone, loadable by PEFT
             from tinylm.lora import save_adapter
             save_adapter(raw_model, path, raw_model.lora_settings.get("base_model", ""))

@@ -38,7 +38,8 @@ class DataConfig:
         train: Training file(s): `.jsonl` / `.json` / `.txt` (tokenized on first use and cached), or a
             directory prepared by `tinylm data prepare`. Relative paths are relative to the current directory.
         val: Validation file or prepared directory; empty = no validation loss.
-        packing: Pack several chat conversations into one row (SFT only; pretraining is always packed).
+        packing: Pack several chat conversations into one row (SFT only; pretraining is always packed);
+            positions restart and attention stays inside each conversation, so the loss is unchanged.
         skip_invalid: Skip malformed records (and report how many) instead of stopping with an error.
     """
 
