@@ -11,6 +11,7 @@ import time
 
 import pytest
 from test_generate import ScriptedLM, script_ids
+from test_server import wait_until
 
 from tinylm.engine import Engine
 from tinylm.server import WEB_DIR, BackgroundServer, create_app
@@ -73,15 +74,6 @@ def open_page(browser, url: str):
     # Selector waits (not wait_for_function: the page's CSP forbids the eval it uses).
     page.wait_for_selector("#model:not(:has-text('connecting'))", timeout=10000)
     return page, errors, bodies
-
-
-def wait_until(cond, timeout: float) -> bool:
-    deadline = time.time() + timeout
-    while not cond():
-        if time.time() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def test_web_chat_in_chromium(browser, tok, tmp_path):

@@ -167,13 +167,7 @@ def _iter_txt(path: str) -> Iterator[tuple[int, object, int]]:
             yield i, line, n_line
             continue
         if line.strip() == TXT_SEPARATOR:
-            piece = cut()
-            if piece and pending:
-                yield pending[0], ("__txt__", pending[1], False), pending[2]
-                pending = None
-            last = piece or pending
-            if last:
-                yield last[0], ("__txt__", last[1], True), last[2]
+            yield from _end_document(cut(), pending)
             pending, buf, n, start = None, [], 0, i + 1
             continue
         buf.append(line.replace("\r\n", "\n"))  # as text mode's universal newlines did
@@ -182,7 +176,11 @@ def _iter_txt(path: str) -> Iterator[tuple[int, object, int]]:
             if pending:
                 yield pending[0], ("__txt__", pending[1], False), pending[2]
             pending, buf, n, start = cut(), [], 0, i + 1
-    piece = cut()
+    yield from _end_document(cut(), pending)
+
+
+def _end_document(piece: tuple | None, pending: tuple | None) -> Iterator[tuple[int, object, int]]:
+    """At a document's end: the held-back piece continues it (eos=False), the last piece ends it."""
     if piece and pending:
         yield pending[0], ("__txt__", pending[1], False), pending[2]
         pending = None
