@@ -110,9 +110,9 @@ def collate(dataset: TokenDataset, indices: list[int] | np.ndarray, seq_len: int
         attention_mask[b, :n] = 1
         labels[b, :n] = x if m is None else torch.where(torch.from_numpy((m & 1).astype(bool)), x, IGNORE_INDEX)
         if position_ids is not None:  # restart at each packed conversation (mask bit 1)
-            starts = np.flatnonzero(m & 2) if m is not None else np.zeros(0, dtype=np.int64)
-            pos = np.arange(n) - np.maximum.accumulate(np.where(np.isin(np.arange(n), starts), np.arange(n), 0))
-            position_ids[b, :n] = torch.from_numpy(pos)
+            idx = np.arange(n)
+            start_of = np.maximum.accumulate(np.where(m & 2, idx, 0)) if m is not None else 0
+            position_ids[b, :n] = torch.from_numpy(idx - start_of)
     batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
              "n_tokens": int(attention_mask.sum()), "n_targets": int((labels[:, 1:] != IGNORE_INDEX).sum())}
     if position_ids is not None:

@@ -68,11 +68,11 @@ def load_for_eval(spec: str, lora: str | None = None, device: str | None = None,
 def context_length(model, tokenizer=None) -> int:
     """Longest sequence the model was built for (config.max_position_embeddings, else the tokenizer's)."""
     cfg = getattr(model, "config", None)
-    if getattr(cfg, "model_type", None) == "tinylm":  # YaRN-aware (tinylm.config.context_length)
-        from tinylm.config import context_length as tinylm_context
+    if getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None):
+        from tinylm.config import context_length as config_context  # the one definition (YaRN-aware)
 
-        return tinylm_context(cfg)
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        return config_context(cfg)
+    for key in ("max_sequence_length", "seq_length"):
         v = getattr(cfg, key, None)
         if isinstance(v, int) and v > 0:
             return v
