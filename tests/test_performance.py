@@ -4,6 +4,7 @@ cross-entropy against F.cross_entropy on full logits, through the trainer's LMOb
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -80,13 +81,69 @@ def test_decode_linear_matches_f_linear_and_tracks_weight_updates():
     x = torch.randn(1, 1, 64)
     with torch.no_grad():
         torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
-        assert "_decode_weight_t" in lin.__dict__  # the fast path ran
-    opt = torch.optim.SGD(lin.parameters(), lr=0.5)
-    lin(torch.randn(4, 64)).square().sum().backward()  # grad path: plain F.linear
-    opt.step()  # in-place update bumps the weight's version
-    with torch.inference_mode():
-        torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
-    assert "_decode_weight_t" not in lin.state_dict() and len(lin.state_dict()) == 2
+        assert "_decode_weight" in lin.__dict__  # the fast path ran
+    for opt in (torch.optim.SGD(lin.parameters(), lr=0.5),  # in-place update bumps the weight's version
+                torch.optim.AdamW(lin.parameters(), lr=0.5, fused=True)):  # fused kernels do not
+        lin(torch.randn(4, 64)).square().sum().backward()  # grad path: plain F.linear
+        opt.step()
+        opt.zero_grad()
+        with torch.inference_mode():
+            torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+    assert "_decode_weight" not in lin.state_dict() and len(lin.state_dict()) == 2
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decode_products_split_k_and_fused_equal_f_linear(threads):
+    from tinylm.linear import Linear, fused_decode
+    from tinylm.lora import apply_lora
+    from tinylm.moe import SwiGLU
+
+    torch.manual_seed(0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        layers = (Linear(256, 96, bias=False), Linear(256, 64, bias=False), Linear(256, 64, bias=False))
+        for rows in (1, 4, 32):
+            x = torch.randn(rows, 1, 256)
+            with torch.inference_mode():
+                outs = fused_decode(x, layers)
+                assert outs is not None and [o.shape[-1] for o in outs] == [96, 64, 64]
+                for out, layer in zip(outs, layers):
+                    torch.testing.assert_close(out, F.linear(x, layer.weight), rtol=1e-5, atol=1e-5)
+                    torch.testing.assert_close(layer(x), F.linear(x, layer.weight), rtol=1e-5, atol=1e-5)
+        split = layers[0].__dict__["_decode_weight"][1]
+        assert split.shape == ((threads, 256 // threads, 96) if threads > 1 else (1, 256, 96))
+        with torch.inference_mode():
+            assert fused_decode(torch.randn(33, 256), layers) is None  # prefill-sized: MKL's own path
+        assert fused_decode(torch.randn(1, 256), layers) is None  # grad enabled: training path
+        handle = layers[1].register_forward_hook(lambda *a: None)
+        with torch.inference_mode():
+            assert fused_decode(torch.randn(1, 256), layers) is None  # hooks must see their call
+        handle.remove()
+        mlp = SwiGLU(64, 128)
+        apply_lora(mlp, r=4, alpha=8, target_modules=["gate_proj", "up_proj"])
+        with torch.inference_mode():  # wrapped layers take the per-layer path (and still decode right)
+            assert fused_decode(torch.randn(1, 64), (mlp.gate_proj, mlp.up_proj)) is None
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_decode_layout_follows_thread_count():
+    from tinylm.linear import Linear
+
+    lin = Linear(128, 32, bias=False)
+    x = torch.randn(1, 128)
+    before = torch.get_num_threads()
+    try:
+        with torch.inference_mode():
+            torch.set_num_threads(2)
+            lin(x)
+            assert lin.__dict__["_decode_weight"][1].shape[0] == 2
+            torch.set_num_threads(1)
+            torch.testing.assert_close(lin(x), F.linear(x, lin.weight), rtol=1e-5, atol=1e-5)
+            assert lin.__dict__["_decode_weight"][1].shape[0] == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_inference_paths_of_rmsnorm_and_rope_equal_autograd_functions():

@@ -38,6 +38,8 @@ class StaticKVCache:
         self._rows: torch.Tensor | None = None
         self._positions: torch.Tensor | None = None
         self._kv_len = 0
+        self._all_rows = False
+        self._slice_start: int | None = None
 
     def reset(self, rows: torch.Tensor | list[int] | None = None) -> None:
         """Forget the content of `rows` (all rows when None). The buffers are reused, not freed."""
@@ -57,7 +59,8 @@ class StaticKVCache:
         number of cache positions attended to. Query i of row r sees key j iff j <= seq_lens[r] + i.
         """
         past = self.seq_lens[rows]  # (b,)
-        kv_len = int(past.max().item()) + num_new
+        lo, hi = (int(v) for v in torch.stack(past.aminmax()).tolist())
+        kv_len = hi + num_new
         if kv_len > self.max_seq_len:
             raise ValueError(f"KV cache overflow: need {kv_len} positions, cache holds {self.max_seq_len}")
         positions = past[:, None] + torch.arange(num_new, device=past.device)[None, :]  # (b, T)
@@ -67,6 +70,8 @@ class StaticKVCache:
         # All rows in order: return views of the buffers instead of gathered copies.
         self._all_rows = rows.numel() == self.batch_size and bool(
             (rows == torch.arange(self.batch_size, device=rows.device)).all())
+        # All rows at the same length (always so at batch 1): the write is one slice copy per buffer.
+        self._slice_start = lo if self._all_rows and lo == hi else None
         return positions, key_valid
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,6 +80,11 @@ class StaticKVCache:
         assert rows is not None and positions is not None, "call begin() first"
         k_buf, v_buf = self.keys[layer_idx], self.values[layer_idx]
         b, _, t, _ = key.shape
+        if self._slice_start is not None:
+            p = self._slice_start
+            k_buf[:, :, p:p + t] = key
+            v_buf[:, :, p:p + t] = value
+            return k_buf[:, :, : self._kv_len], v_buf[:, :, : self._kv_len]  # views, no copy
         # Advanced-index write: buffer[row, :, pos, :] = new[:, :, i, :] for every (row, i).
         r_idx = rows[:, None].expand(b, t)
         k_buf[r_idx, :, positions] = key.transpose(1, 2).to(k_buf.dtype)

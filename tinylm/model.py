@@ -32,7 +32,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from tinylm.config import TinyLMConfig
 from tinylm.hf_compat import cache_kwargs
 from tinylm.kv_cache import StaticKVCache
-from tinylm.linear import Linear
+from tinylm.linear import Linear, fused_decode
 from tinylm.moe import Experts, MoE, Router, SwiGLU
 
 
@@ -81,7 +81,10 @@ class RMSNorm(nn.Module):
         # weight * (x / rms(x)), computed in fp32 and cast back (as Llama / Qwen3 do).
         if torch.is_grad_enabled():
             return _RMSNormFn.apply(x, self.weight, self.eps)
-        # Inference (decode): the same math without autograd.Function's per-call overhead.
+        # Inference (decode): the same math without autograd.Function's per-call overhead; in fp32
+        # torch's fused kernel does it in one op (half the time of the 5 ops below at batch 1).
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
         return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
@@ -119,7 +122,8 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) 
     x1, x2, c, s = x[..., :h], x[..., h:], cos[..., :h], sin[..., :h]
     if torch.compiler.is_compiling():  # inductor fuses the plain formula itself (and rejects out=)
         return torch.cat((x1 * c - sign * x2 * s, x2 * c + sign * x1 * s), dim=-1)
-    out = torch.empty(torch.broadcast_shapes(x.shape, cos.shape), dtype=torch.result_type(x, cos), device=x.device)
+    shape = [max(a, b) for a, b in zip(x.shape, cos.shape)]  # broadcast (torch.broadcast_shapes is slow Python)
+    out = torch.empty(shape, dtype=torch.result_type(x, cos), device=x.device)
     o1, o2 = out[..., :h], out[..., h:]
     torch.mul(x1, c, out=o1).addcmul_(x2, s, value=-sign)  # x1 cos - x2 sin
     torch.mul(x2, c, out=o2).addcmul_(x1, s, value=sign)  # x2 cos + x1 sin
@@ -146,7 +150,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """x (B, heads, T, D), cos/sin (B|1, 1, T, D) -> x rotated by position (Llama's half-split layout)."""
     if torch.is_grad_enabled():
         return _RoPEFn.apply(x, cos, sin)
-    return _rotate(x, cos, sin, 1.0)  # inference: skip autograd.Function's per-call overhead
+    # Inference (decode): the same products in 5 ops instead of 11 (each op costs microseconds at
+    # batch 1): rotate_half(x) = (-x2, x1) is a roll by half the head and a sign flip.
+    rotated = x.roll(x.shape[-1] // 2, dims=-1)
+    rotated[..., : x.shape[-1] // 2].neg_()
+    return torch.mul(x, cos).addcmul_(rotated, sin)
 
 
 class Attention(nn.Module):
@@ -168,9 +176,11 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: object | None) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim)
+        qkv = fused_decode(x, (self.q_proj, self.k_proj, self.v_proj))  # one GEMV when decoding on CPU
+        q, k, v = qkv if qkv is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q = q.view(b, t, self.n_heads, self.head_dim)
+        k = k.view(b, t, self.n_kv, self.head_dim)
+        v = v.view(b, t, self.n_kv, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)

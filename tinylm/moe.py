@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinylm.config import TinyLMConfig
-from tinylm.linear import Linear
+from tinylm.linear import Linear, fused_decode
 
 
 class SwiGLU(nn.Module):
@@ -36,7 +36,9 @@ class SwiGLU(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate_up = fused_decode(x, (self.gate_proj, self.up_proj))  # one GEMV when decoding on CPU
+        gate, up = gate_up if gate_up is not None else (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Router(nn.Module):
