@@ -65,12 +65,18 @@ def time_hf(model, batch: int, prompt_len: int, new: int) -> float:
     return time.perf_counter() - t0
 
 
-def decode_rate(fn, batch: int, new: int, repeats: int) -> float:
-    """Tokens/s of decoding only: difference between an N-token and a 1-token run (best of `repeats`)."""
-    fn(batch, 1)  # warm-up
-    t1 = min(fn(batch, 1) for _ in range(repeats))
-    tn = min(fn(batch, new) for _ in range(repeats))
-    return batch * (new - 1) / max(tn - t1, 1e-9)
+def decode_rates(fns: list, batch: int, new: int, repeats: int) -> list[float]:
+    """Tokens/s of decoding only for each fn: difference between an N-token and a 1-token run, best
+    of `repeats`. The fns take turns within every repeat, so a machine that drifts (shared VMs do,
+    by +-25%) slows both sides alike instead of skewing the ratio."""
+    t1, tn = [float("inf")] * len(fns), [float("inf")] * len(fns)
+    for fn in fns:
+        fn(batch, 1)  # warm-up
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            t1[i] = min(t1[i], fn(batch, 1))
+            tn[i] = min(tn[i], fn(batch, new))
+    return [batch * (new - 1) / max(b - a, 1e-9) for a, b in zip(t1, tn)]
 
 
 def prefill_rate(ours, hf, prompt_len: int, repeats: int) -> tuple[float, float]:
@@ -133,7 +139,7 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    new, repeats = (32, 1) if args.quick else (64, 2)
+    new, repeats = (32, 1) if args.quick else (64, 3)
     dtypes = [("fp32", torch.float32)] + ([("bf16", torch.bfloat16)] if args.bf16 or args.bf16_only else [])
     dtypes = dtypes[1:] if args.bf16_only else dtypes
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, preset {args.preset}")
@@ -141,8 +147,8 @@ def main() -> None:
         ours, hf, tok = build_models(args.preset, dtype)
         suffix = "" if dname == "fp32" else f"_{dname}"
         for batch in (1, 4, 16):
-            o = decode_rate(lambda b, n, m=ours, t=tok: time_ours(m, t, b, 32, n), batch, new, repeats)
-            h = decode_rate(lambda b, n, m=hf: time_hf(m, b, 32, n), batch, new, repeats)
+            o, h = decode_rates([lambda b, n, m=ours, t=tok: time_ours(m, t, b, 32, n),
+                                 lambda b, n, m=hf: time_hf(m, b, 32, n)], batch, new, repeats)
             print(f"RESULT decode_b{batch}{suffix}_tokens_per_s {o:.1f} tok/s ratio={o / h:.2f} vs=hf_generate "
                   f"(hf {h:.1f} tok/s)", flush=True)
         o, h = prefill_rate(ours, hf, 512, repeats + 1)

@@ -165,7 +165,21 @@ def test_pretrain_run_learns_and_writes_everything(workdir):
     assert 29 * 4 * 64 < steps[-1]["tokens_seen"] <= 30 * 4 * 64  # the last row may be shorter
     vals = [r["val_loss"] for r in rows if "val_loss" in r]
     assert len(vals) == 2
-    assert any("sample" in r for r in rows)
+    samples = [r for r in rows if "sample" in r]
+    assert [r["step"] for r in samples] == [15, 30]
+    # The last sample is what the saved model says (no stale decode copy of the weights: fused AdamW
+    # updates them without bumping their version counters).
+    from transformers import AutoTokenizer
+
+    from tinylm.model import TinyLMForCausalLM
+
+    final = TinyLMForCausalLM.from_pretrained(str(out / "final")).eval()
+    tok = AutoTokenizer.from_pretrained(str(out / "final"))
+    ids = torch.tensor([tok.encode("the cat", add_special_tokens=False)])
+    with torch.no_grad():
+        gen = final.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                             pad_token_id=tok.pad_token_id or 0)
+    assert samples[-1]["sample"] == tok.decode(gen[0, ids.shape[1]:].tolist(), skip_special_tokens=False)
     ln_v = math.log(6400)
     assert steps[0]["loss"] > 0.9 * ln_v
     assert steps[-1]["loss"] < 0.5 * ln_v and vals[-1] < 0.5 * ln_v, (steps[-1]["loss"], vals[-1])
