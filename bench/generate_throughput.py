@@ -97,35 +97,51 @@ def prefill_rate(ours, hf, prompt_len: int, repeats: int) -> tuple[float, float]
 
 
 def server_rate(model, tok, clients: int, new: int) -> float:
-    """Aggregate streamed tokens/s with `clients` concurrent streaming requests over loopback."""
+    """Aggregate streamed tokens/s with `clients` concurrent streaming requests over loopback, with
+    `tinylm serve`'s layout: HTTP in a thread, the engine loop in the main thread."""
+    import json
+    import socket
+
     import httpx
+    import uvicorn
 
     from tinylm.engine import Engine
-    from tinylm.server import BackgroundServer, create_app
+    from tinylm.server import create_app, serve_in_main_thread
 
     body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": new,
             "temperature": 0, "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
-    counts = [0] * clients
+    counts, rate = [0] * clients, []
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    engine = Engine(model, tok, max_batch=max(clients, 1), max_queue=clients, max_seq_len=new + 64)
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, "bench"), host="127.0.0.1", port=port,
+                                           log_level="warning"))
 
     def client(i: int) -> None:
-        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=300) as r:
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=300) as r:
             for line in r.iter_lines():
                 if '"usage"' in line and '"completion_tokens"' in line:
-                    import json
-
                     counts[i] = json.loads(line[6:])["usage"]["completion_tokens"]
 
-    with Engine(model, tok, max_batch=max(clients, 1), max_queue=clients, max_seq_len=new + 64) as engine, \
-            BackgroundServer(create_app(engine, "bench")) as srv:
-        url = srv.url
-        client(0)  # warm-up
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-        t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=600)
-        return sum(counts) / (time.perf_counter() - t0)
+    def drive() -> None:
+        try:
+            while not server.started:
+                time.sleep(0.02)
+            client(0)  # warm-up
+            threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=600)
+            rate.append(sum(counts) / (time.perf_counter() - t0))
+        finally:
+            server.should_exit = True
+
+    threading.Thread(target=drive, daemon=True).start()
+    serve_in_main_thread(engine, server)
+    return rate[0]
 
 
 def main() -> None:

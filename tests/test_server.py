@@ -358,3 +358,59 @@ def test_engine_survives_bad_step(tok):
             time.sleep(0.01)
         assert "".join(d.content for d in got2) == "ok"
     assert torch.is_grad_enabled()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_runs_the_model_in_the_main_thread(model, tok):
+    """`tinylm serve`'s layout: HTTP in a thread, the engine loop in the calling (main) thread, where
+    PyTorch's OpenMP team already lives (Engine.run); stopping the HTTP server ends both."""
+    import uvicorn
+
+    from tinylm.server import serve_in_main_thread
+
+    engine = Engine(model, tok, max_batch=2)
+    step_threads = []
+    step = engine.gen.step
+    engine.gen.step = lambda: (step_threads.append(threading.current_thread()), step())
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, "m"), host="127.0.0.1", port=port, log_level="warning"))
+    answers = []
+
+    def client() -> None:
+        try:
+            deadline = time.time() + 30
+            while not server.started and time.time() < deadline:
+                time.sleep(0.02)
+            c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=30)
+            answers.append(c.chat.completions.create(model="m", messages=MSGS, max_tokens=8, temperature=0))
+        finally:
+            server.should_exit = True
+
+    threading.Thread(target=client, daemon=True).start()
+    assert serve_in_main_thread(engine, server) == 0
+    assert answers and answers[0].choices[0].message.content == reference(model, tok, MSGS, 8).text
+    assert step_threads and set(step_threads) == {threading.main_thread()}
+    with pytest.raises(Exception, match="not running"):  # the engine stopped with the server
+        engine.submit([5, 6], SamplingParams(), lambda d: None)
+
+
+def test_serve_exits_when_the_port_is_taken(model, tok):
+    import uvicorn
+
+    from tinylm.server import serve_in_main_thread
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        engine = Engine(model, tok)
+        server = uvicorn.Server(uvicorn.Config(create_app(engine, "m"), host="127.0.0.1", port=port,
+                                               log_level="critical"))
+        t0 = time.time()
+        assert serve_in_main_thread(engine, server) == 1
+        assert time.time() - t0 < 20

@@ -1,9 +1,10 @@
-"""A background inference engine: one thread owns the model, many clients share it.
+"""The inference engine: one thread owns the model, many clients share it.
 
 Why a single owner thread: a PyTorch model is not safe to call from several threads at once, and
 running requests one after another wastes the machine (decoding one sequence is memory-bound; a
 batch of 8 costs little more than 1). So HTTP handlers never touch the model: they `submit()` a
-request and receive its text deltas through a callback, while the engine thread loops:
+request and receive its text deltas through a callback, while the engine loops - in the main
+thread under `tinylm serve` (`run()`, faster on CPU), or in a background thread (`start()`):
 
     take new requests (bounded queue) -> admit them into free KV-cache rows (prefill)
     -> one decode step for every running sequence -> free finished / cancelled rows -> repeat
@@ -69,6 +70,26 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="tinylm-engine", daemon=True)
         self._thread.start()
         return self
+
+    def run(self, on_start: Callable[[], None] | None = None) -> None:
+        """Run the engine loop in the calling thread until `stop()` (called from another thread);
+        `on_start` is called once the engine accepts requests (e.g. to start the HTTP thread).
+
+        Why the main thread: PyTorch's CPU ops run on OpenMP thread teams, one team per thread that
+        calls them. The thread that loaded the model already owns a team, so a second one in an
+        engine thread makes more OpenMP threads than cores, and libgomp then stops spinning and puts
+        its workers to sleep after every parallel op: each op pays a futex wake-up. Measured on the
+        2-core VM: a `small` decode step takes ~18 ms in the thread that loaded the model and ~32 ms
+        in a new thread (`tinylm serve` therefore runs the HTTP server in a thread and this loop in
+        the main thread).
+        """
+        with self._lock:
+            if self._running:
+                raise RuntimeError("engine already running")
+            self._running = True
+        if on_start is not None:
+            on_start()
+        self._loop()
 
     def stop(self) -> None:
         with self._lock:

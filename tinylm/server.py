@@ -8,8 +8,9 @@ Any OpenAI client (the `openai` Python package, LangChain, Open-WebUI, FastGPT, 
     GET  /health                    liveness + queue sizes (no key needed)
     GET  /                          the web page (tinylm/web/index.html + chat.js, no CDN, works offline)
 
-The handlers only validate and format; the model lives in one `tinylm.engine.Engine` thread that
-batches all requests together (continuous batching). Errors use OpenAI's shape
+The handlers only validate and format; the model lives in one `tinylm.engine.Engine` loop that
+batches all requests together (continuous batching); `tinylm serve` runs that loop in the main
+thread and the HTTP server in another (decoding is faster there: `Engine.run`). Errors use OpenAI's shape
 `{"error": {"message", "type", "param", "code"}}` so client libraries raise the right exception.
 Binds 127.0.0.1 by default: exposing a model to a network is an explicit choice (use --api-key).
 
@@ -468,17 +469,43 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                                           yarn_factor=args.yarn_factor)
     name = args.model_name or Path(args.model_dir.rstrip("/")).name or "tinylm"
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
-                    max_seq_len=args.max_seq_len).start()
+                    max_seq_len=args.max_seq_len)
     app = create_app(engine, name, api_key=args.api_key, max_tokens_cap=args.max_tokens_cap,
                      default_max_tokens=args.default_max_tokens)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it")
     print(f"tinylm serve: model '{name}' at http://{args.host}:{args.port}/ (API: /v1, web page: /)")
+    return serve_in_main_thread(engine, uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
+                                                                      log_level="info")))
+
+
+def serve_in_main_thread(engine, server) -> int:
+    """HTTP (uvicorn `server`) in a thread, the model (`engine.run`) in this, the main thread, which
+    decodes ~1.7x faster there (Engine.run says why). Ctrl-C / SIGTERM / the server stopping (e.g.
+    port in use) end both. Returns the exit code: 0, or 1 when the server failed to start."""
+    import signal
+
+    def http() -> None:
+        try:
+            server.run()
+        except SystemExit:  # uvicorn's way to give up when it cannot start (it logged why)
+            pass
+        finally:
+            engine.stop()
+
+    thread = threading.Thread(target=http, name="tinylm-http", daemon=True)
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM: graceful, like Ctrl-C
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+        engine.run(on_start=thread.start)
+    except KeyboardInterrupt:
+        pass
     finally:
+        signal.signal(signal.SIGTERM, previous)
         engine.stop()
-    return 0
+        server.should_exit = True
+        if thread.is_alive():
+            thread.join(timeout=10)
+    return 0 if server.started else 1
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
