@@ -21,8 +21,9 @@ targeting and export. The decode copy of the weight is made lazily on the first 
 fp32 CPU call and rebuilt whenever the weight may have changed - its tensor version counter moved,
 or any optimizer stepped (torch's fused AdamW updates weights without bumping the version counter) -
 or the thread count changed, so training in between generations (sample generations during
-`tinylm train`, GRPO rollouts) never sees stale weights. Cost: one extra copy of the weights in memory while decoding on CPU in fp32.
-Results equal F.linear up to fp32 summation order (the split-K partial sums).
+`tinylm train`, GRPO rollouts) never sees stale weights. Cost: one extra copy of the weights in
+memory while decoding on CPU in fp32. Results equal F.linear up to fp32 summation order (the
+split-K partial sums).
 """
 
 from __future__ import annotations
