@@ -100,20 +100,17 @@ def server_rate(model, tok, clients: int, new: int) -> float:
     """Aggregate streamed tokens/s with `clients` concurrent streaming requests over loopback, with
     `tinylm serve`'s layout: HTTP in a thread, the engine loop in the main thread."""
     import json
-    import socket
 
     import httpx
     import uvicorn
 
     from tinylm.engine import Engine
-    from tinylm.server import create_app, serve_in_main_thread
+    from tinylm.server import create_app, free_port, serve_in_main_thread
 
     body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": new,
             "temperature": 0, "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
     counts, rate = [0] * clients, []
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     engine = Engine(model, tok, max_batch=max(clients, 1), max_queue=clients, max_seq_len=new + 64)
     server = uvicorn.Server(uvicorn.Config(create_app(engine, "bench"), host="127.0.0.1", port=port,
                                            log_level="warning"))

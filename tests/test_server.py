@@ -15,7 +15,7 @@ from test_generate import ScriptedLM, script_ids, tiny_model
 from tinylm.chat import enable_yarn
 from tinylm.engine import Engine, QueueFull
 from tinylm.generate import SamplingParams, generate, render_chat
-from tinylm.server import BackgroundServer, create_app
+from tinylm.server import BackgroundServer, create_app, free_port
 
 openai = pytest.importorskip("openai")
 KEY = "sk-test-key"
@@ -360,12 +360,6 @@ def test_engine_survives_bad_step(tok):
     assert torch.is_grad_enabled()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_runs_the_model_in_the_main_thread(model, tok):
     """`tinylm serve`'s layout: HTTP in a thread, the engine loop in the calling (main) thread, where
     PyTorch's OpenMP team already lives (Engine.run); stopping the HTTP server ends both."""
@@ -377,7 +371,7 @@ def test_serve_runs_the_model_in_the_main_thread(model, tok):
     step_threads = []
     step = engine.gen.step
     engine.gen.step = lambda: (step_threads.append(threading.current_thread()), step())
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(engine, "m"), host="127.0.0.1", port=port, log_level="warning"))
     answers = []
 

@@ -425,18 +425,22 @@ def _with_seed(params: SamplingParams, j: int) -> SamplingParams:
 # ---------------------------------------------------------------------------------------------
 # Running it.
 # ---------------------------------------------------------------------------------------------
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on `host` right now (tests, benchmarks)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 class BackgroundServer:
     """Run an app with uvicorn in a thread (tests, benchmarks, notebooks)."""
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0) -> None:
-        import socket
-
         import uvicorn
 
-        if port == 0:
-            with socket.socket() as s:
-                s.bind((host, 0))
-                port = s.getsockname()[1]
+        port = port or free_port(host)
         self.host, self.port = host, port
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
