@@ -202,7 +202,7 @@ def test_chat_mask_multi_turn(tok):
     # ChatML fast path == generic template-diff path, byte for byte
     import copy
     slow = copy.deepcopy(tok)
-    slow._tinylm_is_chatml = False
+    slow._tinylm_is_chatml = (slow.chat_template, False)
     assert encode_chat(slow, msgs) == (ids, mask)
     # truncation
     assert encode_chat(tok, msgs, max_len=7) == (ids[:7], mask[:7])

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tinylm.reasoning import format_reasoning, is_well_formed, split_thinking, tag_weighted_loss
+from tinylm.reasoning import TAGS, format_reasoning, is_well_formed, split_thinking, tag_weighted_loss
 
 
 def test_split_thinking():
@@ -61,7 +61,7 @@ def test_tiny_model_learns_tag_structure():
     tok = load_tokenizer()
     path = Path(__file__).resolve().parents[1] / "data" / "posttrain" / "reason.jsonl"
     convs = [json.loads(line)["messages"] for line in path.read_text(encoding="utf-8").splitlines()]
-    enc = [encode_chat(tok, m) for m in convs]
+    enc = [encode_chat(tok, m, allow=frozenset(TAGS)) for m in convs]  # trusted rows: tags are structure
     cfg = TinyLMConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=192, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, eos_token_id=[2, 0], pad_token_id=0)
     model = TinyLMForCausalLM(cfg)

@@ -11,6 +11,9 @@ How spans are found, for ANY Hugging Face tokenizer with a chat template:
      the text between the two is exactly what the template emits for that answer;
   3. tokenize the full text once (exactly as inference does) and mark the tokens whose
      character offsets fall in those spans.
+Special-token strings that came from a message (`<|im_end|>` typed by a user, quoted in a data row)
+are encoded as plain text, so only the template makes control tokens (special_tokens.py); trusted
+pre-formatted data may opt in per string (`allow`).
 For ChatML tokenizers (the bundled one) step 2 needs no Jinja: the text and spans are built
 directly, which is much faster and gives byte-identical ids (tested).
 
@@ -19,6 +22,8 @@ Reasoning (`reasoning_content`, see formats.py) is rendered inline as
 """
 
 from __future__ import annotations
+
+from tinylm.special_tokens import encode_marked, literals_in, template_literals
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 
@@ -35,14 +40,23 @@ def with_inline_reasoning(messages: list[dict]) -> list[dict]:
     return out
 
 
-def _chatml_text(messages: list[dict], add_generation_prompt: bool) -> tuple[str, list[tuple[int, int]]]:
-    """ChatML text and the (start, end) char spans of each assistant answer incl. <|im_end|>."""
+def _chatml_text(messages: list[dict], add_generation_prompt: bool,
+                 untrusted: list[tuple[int, int]] | None = None) -> tuple[str, list[tuple[int, int]]]:
+    """ChatML text and the (start, end) char spans of each assistant answer incl. <|im_end|>.
+    The spans of message text (reasoning, content) are appended to `untrusted` when given."""
     parts, spans, n = [], [], 0
     for m in messages:
         head = f"{IM_START}{m['role']}\n"
-        body = f"{m.get('content') or ''}{IM_END}"
+        r, content = m.get("reasoning_content"), m.get("content") or ""
+        think = f"<think>\n{r}\n</think>\n" if r else ""
+        body = f"{think}{content}{IM_END}"
+        start = n + len(head)
         if m["role"] == "assistant":
-            spans.append((n + len(head), n + len(head) + len(body)))
+            spans.append((start, start + len(body)))
+        if untrusted is not None:
+            if r:
+                untrusted.append((start + len("<think>\n"), start + len("<think>\n") + len(r)))
+            untrusted.append((start + len(think), start + len(think) + len(content)))
         piece = head + body + "\n"
         parts.append(piece)
         n += len(piece)
@@ -52,10 +66,11 @@ def _chatml_text(messages: list[dict], add_generation_prompt: bool) -> tuple[str
 
 
 def is_chatml(tokenizer) -> bool:
-    """True when the tokenizer's template renders plain ChatML (cached on the tokenizer)."""
+    """True when the tokenizer's template renders plain ChatML (cached on the tokenizer, per template)."""
+    template = getattr(tokenizer, "chat_template", None)
     cached = getattr(tokenizer, "_tinylm_is_chatml", None)
-    if cached is not None:
-        return cached
+    if cached is not None and cached[0] == template:
+        return cached[1]
     vocab = tokenizer.get_vocab()
     ok = IM_START in vocab and IM_END in vocab
     if ok and getattr(tokenizer, "chat_template", None):
@@ -73,22 +88,19 @@ def is_chatml(tokenizer) -> bool:
         except Exception:
             ok = False
     try:
-        tokenizer._tinylm_is_chatml = ok
+        tokenizer._tinylm_is_chatml = (template, ok)
     except Exception:
         pass
     return ok
 
 
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer.apply_chat_template(with_inline_reasoning(messages), tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
 
 
-def _template_spans(tokenizer, messages: list[dict], first: int) -> tuple[str, list[tuple[int, int]]]:
-    """Generic path: assistant spans by diffing renders of growing prefixes."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat_template "
-                         "and no <|im_start|>/<|im_end|> tokens; cannot encode chat data")
-    full = _render(tokenizer, messages, False)
+def _template_spans(tokenizer, messages: list[dict], first: int, full: str) -> list[tuple[int, int]]:
+    """Generic path: assistant spans of `full` (the whole render) by diffing renders of growing prefixes."""
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant" or i < first:
@@ -100,16 +112,7 @@ def _template_spans(tokenizer, messages: list[dict], first: int) -> tuple[str, l
                              "earlier turns), so assistant tokens cannot be located; use a ChatML tokenizer")
         end = len(upto.rstrip())  # keep the end-of-turn token, drop the newline after it
         spans.append((len(before), max(end, len(before))))
-    return full, spans
-
-
-def _tokenize(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:  # the Rust tokenizer directly: same ids, no Python wrapper overhead
-        enc = backend.encode(text, add_special_tokens=False)
-        return enc.ids, enc.offsets
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return enc["input_ids"], enc["offset_mapping"]
+    return spans
 
 
 def _mask_from_spans(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
@@ -126,42 +129,58 @@ def _mask_from_spans(offsets: list[tuple[int, int]], spans: list[tuple[int, int]
     return mask
 
 
-def _encode(tokenizer, messages: list[dict], first: int = 0,
-            max_len: int | None = None) -> tuple[list[int], list[int]]:
-    messages = with_inline_reasoning(messages)
-    if is_chatml(tokenizer) and not any(m.get("tool_calls") for m in messages):
-        text, spans = _chatml_text(messages, False)
+def _uses_chatml(tokenizer, messages: list[dict]) -> bool:
+    return is_chatml(tokenizer) and not any(m.get("tool_calls") for m in messages)
+
+
+def _render_with_literals(tokenizer, messages: list[dict], add_generation_prompt: bool,
+                          allow: frozenset[str]) -> tuple[str, list[tuple[int, int]], list[tuple[int, int]]]:
+    """(text, assistant spans, literal spans): the spans of special-token strings that came from the
+    messages, which must be encoded as plain text (see special_tokens.py)."""
+    if _uses_chatml(tokenizer, messages):
+        untrusted: list[tuple[int, int]] = []
+        text, spans = _chatml_text(messages, add_generation_prompt, untrusted)
+        return text, spans, literals_in(tokenizer, text, untrusted, allow)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat_template "
+                         "and no <|im_start|>/<|im_end|> tokens; cannot encode chat data")
+    text = _render(tokenizer, messages, add_generation_prompt)
+    literals = template_literals(tokenizer, messages, lambda m: _render(tokenizer, m, add_generation_prompt),
+                                 text, allow)
+    return text, [], literals
+
+
+def _encode(tokenizer, messages: list[dict], first: int, max_len: int | None,
+            allow: frozenset[str]) -> tuple[list[int], list[int]]:
+    text, spans, literals = _render_with_literals(tokenizer, messages, False, allow)
+    if _uses_chatml(tokenizer, messages):
         spans = spans[sum(1 for m in messages[:first] if m["role"] == "assistant"):]
     else:
-        text, spans = _template_spans(tokenizer, messages, first)
-    ids, offsets = _tokenize(tokenizer, text)
+        spans = _template_spans(tokenizer, messages, first, text)
+    ids, offsets = encode_marked(tokenizer, text, literals)
     mask = _mask_from_spans(offsets, spans)
     if max_len is not None:
         ids, mask = ids[:max_len], mask[:max_len]
     return list(ids), mask
 
 
-def encode_chat(tokenizer, messages: list[dict], max_len: int | None = None) -> tuple[list[int], list[int]]:
+def encode_chat(tokenizer, messages: list[dict], max_len: int | None = None,
+                allow: frozenset[str] = frozenset()) -> tuple[list[int], list[int]]:
     """Token ids of a whole conversation and a 0/1 loss mask (1 = assistant answer tokens and
-    their end-of-turn token, every assistant turn). Truncated on the right to max_len."""
-    return _encode(tokenizer, messages, 0, max_len)
+    their end-of-turn token, every assistant turn). Truncated on the right to max_len.
+    Special-token strings inside messages stay plain text unless listed in `allow`."""
+    return _encode(tokenizer, messages, 0, max_len, allow)
 
 
 def encode_preference(tokenizer, prompt_msgs: list[dict], response_msgs: list[dict],
-                      max_len: int | None = None) -> tuple[list[int], list[int]]:
+                      max_len: int | None = None, allow: frozenset[str] = frozenset()) -> tuple[list[int], list[int]]:
     """ids of prompt+response and a mask that is 1 only on the response's assistant tokens
     (assistant turns inside the prompt are context). Used for DPO chosen/rejected."""
-    return _encode(tokenizer, list(prompt_msgs) + list(response_msgs), len(prompt_msgs), max_len)
+    return _encode(tokenizer, list(prompt_msgs) + list(response_msgs), len(prompt_msgs), max_len, allow)
 
 
 def render_prompt(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
     """Token ids the model sees at inference, ending with the assistant header when
-    add_generation_prompt (same tokenization as training)."""
-    messages = with_inline_reasoning(messages)
-    if is_chatml(tokenizer) and not any(m.get("tool_calls") for m in messages):
-        text = _chatml_text(messages, add_generation_prompt)[0]
-    else:
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("tokenizer has no chat_template")
-        text = _render(tokenizer, messages, add_generation_prompt)
-    return list(_tokenize(tokenizer, text)[0])
+    add_generation_prompt (same tokenization as training). Message text never becomes a control token."""
+    text, _, literals = _render_with_literals(tokenizer, messages, add_generation_prompt, frozenset())
+    return encode_marked(tokenizer, text, literals)[0]

@@ -209,10 +209,11 @@ def cache_root() -> str:
 def load_token_dataset(source, tokenizer=None, kind: str = "pretrain", seq_len: int = 512,
                        split: str = "train", val_fraction: float = 0.0, pack: bool = False,
                        skip_invalid: bool = False, workers: int = 1, cache_dir: str | None = None,
-                       ) -> TokenDataset:
+                       allow_special_tokens: bool | list[str] = False) -> TokenDataset:
     """A TokenDataset from a prepared directory, or from raw data file(s) (.jsonl/.json/.txt),
     which are prepared once into `cache_dir` (default $TINYLM_CACHE or ~/.cache/tinylm, under
-    data/<hash of file contents + tokenizer + kind + seq_len + pack + skip_invalid + val_fraction>).
+    data/<hash of file contents + tokenizer + kind + seq_len + pack + skip_invalid + val_fraction +
+    allow_special_tokens>).
     tokenizer: object, directory, or None for the bundled one."""
     from tinylm.prepare import FORMAT_VERSION, get_tokenizer, prepare, tokenizer_fingerprint
 
@@ -229,7 +230,7 @@ def load_token_dataset(source, tokenizer=None, kind: str = "pretrain", seq_len: 
     kind = "sft" if kind == "chat" else kind
     tok = get_tokenizer(tokenizer)
     key_src = json.dumps([FORMAT_VERSION, [file_sha256(p) for p in files], tokenizer_fingerprint(tok),
-                          kind, seq_len, pack, skip_invalid, val_fraction])
+                          kind, seq_len, pack, skip_invalid, val_fraction, allow_special_tokens])
     key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
     d = os.path.join(cache_dir or os.path.join(cache_root(), "data"), key)
     os.makedirs(os.path.dirname(d), exist_ok=True)
@@ -245,7 +246,8 @@ def load_token_dataset(source, tokenizer=None, kind: str = "pretrain", seq_len: 
             shutil.rmtree(tmp, ignore_errors=True)
             print(f"preparing {', '.join(files)} -> {d}", file=sys.stderr)
             prepare(files, tmp, kind, tok, seq_len=seq_len, workers=workers, skip_invalid=skip_invalid,
-                    pack=pack, val_fraction=val_fraction, log=lambda s: print(s, file=sys.stderr))
+                    pack=pack, val_fraction=val_fraction, log=lambda s: print(s, file=sys.stderr),
+                    allow_special_tokens=allow_special_tokens)
             try:
                 os.rename(tmp, d)  # atomic: readers never see a half-written directory
             except OSError:

@@ -144,12 +144,13 @@ def _adapter_disabler(model):
 # -- data ----------------------------------------------------------------------------------------
 
 def encode_pair(tokenizer, prompt: list[dict], chosen: list[dict], rejected: list[dict], max_len: int,
-                where: str = "") -> dict[str, list[int]]:
-    """Token ids and answer masks of one preference pair (chat template applied)."""
+                where: str = "", allow: frozenset[str] = frozenset()) -> dict[str, list[int]]:
+    """Token ids and answer masks of one preference pair (chat template applied; special-token strings
+    in the text stay plain text unless in `allow`)."""
     from tinylm.chat_format import encode_preference
 
-    c_ids, c_mask = encode_preference(tokenizer, prompt, chosen, max_len)
-    r_ids, r_mask = encode_preference(tokenizer, prompt, rejected, max_len)
+    c_ids, c_mask = encode_preference(tokenizer, prompt, chosen, max_len, allow)
+    r_ids, r_mask = encode_preference(tokenizer, prompt, rejected, max_len, allow)
     if not any(c_mask) or not any(r_mask):
         raise ValueError(f"{where}: the prompt fills all {max_len} tokens (seq_len); no answer token left "
                          "to score - raise seq_len or shorten the prompt")
@@ -187,7 +188,8 @@ def ref_columns(path: str) -> dict[int, tuple[float, float]]:
     return out
 
 
-def load_pairs(path: str, tokenizer, max_len: int, skip_invalid: bool = False) -> list[dict[str, list[int]]]:
+def load_pairs(path: str, tokenizer, max_len: int, skip_invalid: bool = False,
+               allow_special_tokens: bool | list[str] = False) -> list[dict[str, list[int]]]:
     """Read and encode a preference file (any format of tinylm.formats; errors name file:line).
 
     Rows with precomputed reference log-probs (`ref_chosen_logps` / `ref_rejected_logps`) keep them
@@ -196,12 +198,14 @@ def load_pairs(path: str, tokenizer, max_len: int, skip_invalid: bool = False) -
     import sys
 
     from tinylm.formats import iter_records
+    from tinylm.special_tokens import resolve_allow
 
+    allow = resolve_allow(tokenizer, allow_special_tokens)
     refs = ref_columns(path)
     pairs, too_long = [], 0
     for r in iter_records(path, kind="preference", skip_invalid=skip_invalid):
         try:
-            pair = encode_pair(tokenizer, r.prompt, r.chosen, r.rejected, max_len, f"{r.source}:{r.line}")
+            pair = encode_pair(tokenizer, r.prompt, r.chosen, r.rejected, max_len, f"{r.source}:{r.line}", allow)
         except ValueError:
             too_long += 1  # the prompt alone fills seq_len: nothing to compare
             continue
@@ -302,7 +306,8 @@ class DPOObjective:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         # Pairs are read now: when every file carries precomputed reference log-probs, no reference
         # model is built (the copy would cost a second model in memory and a forward per step).
-        self.pairs = {split: load_pairs(path, tokenizer, cfg.seq_len, cfg.data.skip_invalid)
+        self.pairs = {split: load_pairs(path, tokenizer, cfg.seq_len, cfg.data.skip_invalid,
+                                        cfg.data.allow_special_tokens)
                       for split, path in (("train", cfg.data.train), ("val", cfg.data.val)) if path}
         precomputed = [REF_COLUMNS[0] in p[0] for p in self.pairs.values()]
         if all(precomputed) and d.ref_model:
@@ -349,7 +354,8 @@ class DPOObjective:
 
 @torch.no_grad()
 def precompute_ref_logps(model, tokenizer, path: str, out: str, seq_len: int, batch_size: int = 8,
-                         skip_invalid: bool = False) -> tuple[int, int]:
+                         skip_invalid: bool = False, allow_special_tokens: bool | list[str] = False,
+                         ) -> tuple[int, int]:
     """Write `out` (jsonl): every usable row of the preference file `path` plus `ref_chosen_logps` /
     `ref_rejected_logps` = the summed answer log-probs under `model` (the reference), encoded exactly as
     training encodes them (chat template, `seq_len` truncation). Returns (rows written, rows skipped)."""
@@ -358,7 +364,9 @@ def precompute_ref_logps(model, tokenizer, path: str, out: str, seq_len: int, ba
     import sys
 
     from tinylm.formats import DataError, check_kind, iter_raw, parse_record
+    from tinylm.special_tokens import resolve_allow
 
+    allow = resolve_allow(tokenizer, allow_special_tokens)
     rows, pairs, skipped = [], [], 0
     for line, raw, _ in iter_raw(path):
         try:
@@ -370,7 +378,7 @@ def precompute_ref_logps(model, tokenizer, path: str, out: str, seq_len: int, ba
             skipped += 1
             continue
         try:
-            pair = encode_pair(tokenizer, rec.prompt, rec.chosen, rec.rejected, seq_len, f"{path}:{line}")
+            pair = encode_pair(tokenizer, rec.prompt, rec.chosen, rec.rejected, seq_len, f"{path}:{line}", allow)
         except ValueError:  # the prompt fills seq_len: training skips this row too
             skipped += 1
             continue
@@ -406,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     from tinylm.loading import load_model
+    from tinylm.prepare import add_allow_flag
 
     ap = argparse.ArgumentParser(prog="python -m tinylm.dpo", description="DPO helpers.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -419,12 +428,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the model's)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--skip-invalid", action="store_true", help="skip malformed rows instead of stopping")
+    add_allow_flag(p)
     args = ap.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         model, tok = load_model(args.model, dtype="fp32", device=device, tokenizer=args.tokenizer)
         n, skipped = precompute_ref_logps(model, tok, args.data, args.out, args.seq_len, args.batch_size,
-                                          args.skip_invalid)
+                                          args.skip_invalid, args.allow_special_tokens)
     except (FileNotFoundError, ValueError) as e:  # bad input: one line naming the file, no traceback
         print(f"python -m tinylm.dpo precompute: error: {e}", file=sys.stderr)
         return 2

@@ -37,6 +37,8 @@ from tinylm.benchmarks import (
     load_texts,
     pick_shots,
 )
+from tinylm.chat_format import render_prompt
+from tinylm.special_tokens import encode_text
 
 TASKS = ("ppl", "ceval", "cmmlu", "mmlu", "mcq", "gen")
 FORMAT_RE = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.S)
@@ -157,11 +159,11 @@ def score_continuations(model, tokenizer, requests: list[tuple[list[int], list[i
 def _letter_token_ids(tokenizer, prompt_ids: list[int], prompt: str, letter: str, sep: str) -> list[int]:
     """Single tokens that spell the answer letter right after the prompt (natural split, "A", " A")."""
     ids = set()
-    full = tokenizer.encode(prompt + sep + letter, add_special_tokens=False)
+    full = encode_text(tokenizer, prompt + sep + letter)
     if len(full) == len(prompt_ids) + 1 and full[:-1] == prompt_ids:
         ids.add(full[-1])
     for text in (letter, " " + letter):
-        enc = tokenizer.encode(text, add_special_tokens=False)
+        enc = encode_text(tokenizer, text)
         if len(enc) == 1:
             ids.add(enc[0])
     return sorted(ids)
@@ -169,11 +171,11 @@ def _letter_token_ids(tokenizer, prompt_ids: list[int], prompt: str, letter: str
 
 def _split_cont(tokenizer, ctx: str, cont: str) -> tuple[list[int], list[int]]:
     """Token ids of ctx and cont such that ctx+cont tokenizes as in the joined string when possible."""
-    ctx_ids = tokenizer.encode(ctx, add_special_tokens=False)
-    full = tokenizer.encode(ctx + cont, add_special_tokens=False)
+    ctx_ids = encode_text(tokenizer, ctx)
+    full = encode_text(tokenizer, ctx + cont)
     if full[: len(ctx_ids)] == ctx_ids and len(full) > len(ctx_ids):
         return ctx_ids, full[len(ctx_ids):]
-    return ctx_ids, tokenizer.encode(cont, add_special_tokens=False)
+    return ctx_ids, encode_text(tokenizer, cont)
 
 
 def _bos(tokenizer) -> list[int]:
@@ -209,7 +211,7 @@ def evaluate_mcq(model, tokenizer, task: str, data: str | None = None, shots: in
 
     def prompt_ids(it: MCQItem, k: int) -> tuple[str, list[int]]:
         text = build_prompt(task, ds.subject_names[it.subject], it, pick_shots(ds, it, k), scoring)
-        return text, bos + tokenizer.encode(text, add_special_tokens=False)
+        return text, bos + encode_text(tokenizer, text)
 
     preds: list[int] = []
     if scoring == "letter":
@@ -298,7 +300,7 @@ def evaluate_ppl(model, tokenizer, data: str | None = None, limit: int | None = 
     start = _bos(tokenizer) or [_doc_separator(tokenizer)]
     reqs, nbytes = [], 0
     for doc in docs:
-        ids = start + tokenizer.encode(doc, add_special_tokens=False)
+        ids = start + encode_text(tokenizer, doc)
         nbytes += len(doc.encode("utf-8"))
         done = 1  # next position to score; position 0 is the start token
         while done < len(ids):
@@ -364,11 +366,11 @@ def evaluate_gen(model, tokenizer, data: str | None = None, shots: int = 0, limi
                 msgs += [{"role": "user", "content": ex.question}, {"role": "assistant", "content": ex.solution}]
             msgs.append({"role": "user", "content": it.question})
             text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-            ids = tokenizer.encode(text, add_special_tokens=False)
+            ids = render_prompt(tokenizer, msgs)  # question text never becomes a control token
         else:
             text = "".join(f"Question: {ex.question}\nAnswer: {ex.solution}\n\n" for ex in examples)
             text += f"Question: {it.question}\nAnswer:"
-            ids = _bos(tokenizer) + tokenizer.encode(text, add_special_tokens=False)
+            ids = _bos(tokenizer) + encode_text(tokenizer, text)
         if len(ids) + 1 > max_len:
             raise ValueError(f"{it.source}: {shots}-shot prompt is {len(ids)} tokens but the model context is "
                              f"{max_len} tokens; use fewer --shots")

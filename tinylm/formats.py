@@ -85,6 +85,8 @@ class ReadStats:
     counts: Counter = field(default_factory=Counter)  # format -> valid records
     invalid: list[DataError] = field(default_factory=list)
     n_bytes: int = 0
+    n_special: int = 0  # records whose text holds special-token strings
+    special: list[str] = field(default_factory=list)  # the first few of them, "file:line: field"
 
     @property
     def n_valid(self) -> int:

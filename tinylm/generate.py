@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tinylm.hf_compat import cache_kwargs, output_cache
+from tinylm.special_tokens import encode_text
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
@@ -529,18 +530,11 @@ class BatchGenerator:
 # Convenience API.
 # ---------------------------------------------------------------------------------------------
 def render_chat(tokenizer, messages: list[dict]) -> list[int]:
-    """Prompt token ids for a conversation, ending with the assistant header."""
-    try:
-        from tinylm.chat_format import render_prompt
-    except ImportError:
-        render_prompt = None
-    if render_prompt is not None:
-        return list(render_prompt(tokenizer, messages, add_generation_prompt=True))
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-    return tokenizer.encode(text + "<|im_start|>assistant\n", add_special_tokens=False)
+    """Prompt token ids for a conversation, ending with the assistant header (message text never
+    becomes a control token: see special_tokens.py)."""
+    from tinylm.chat_format import render_prompt
+
+    return render_prompt(tokenizer, messages, add_generation_prompt=True)
 
 
 def prompt_opens_think(tokenizer, prompt_ids: list[int]) -> bool:
@@ -566,8 +560,8 @@ def generate(model, tokenizer, prompts: list[str] | list[list[int]], params: Sam
     for p in prompts:
         if chat:
             encoded.append(render_chat(tokenizer, p))
-        elif isinstance(p, str):
-            encoded.append(tokenizer.encode(p, add_special_tokens=False))
+        elif isinstance(p, str):  # plain text: special-token strings in it stay text (pass ids for control tokens)
+            encoded.append(encode_text(tokenizer, p))
         else:
             encoded.append(list(p))
     max_len = max(len(e) for e in encoded) + params.max_new_tokens

@@ -121,7 +121,8 @@ class LMObjective:
         if self.chat:
             from tinylm.chat_format import render_prompt
             return list(render_prompt(self.tokenizer, [{"role": "user", "content": text}]))
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        from tinylm.special_tokens import encode_text
+        return encode_text(self.tokenizer, text)
 
 
 def _is_tinylm(model: torch.nn.Module) -> bool:
@@ -147,7 +148,8 @@ def token_batches(cfg: TrainConfig, tokenizer: Any, kind: str, split: str, rank:
 
     path = cfg.data.train if split == "train" else cfg.data.val
     ds = load_token_dataset(path, tokenizer=tokenizer, kind=kind, seq_len=cfg.seq_len, pack=cfg.data.packing,
-                            skip_invalid=cfg.data.skip_invalid, workers=max(1, cfg.num_workers))
+                            skip_invalid=cfg.data.skip_invalid, workers=max(1, cfg.num_workers),
+                            allow_special_tokens=cfg.data.allow_special_tokens)
     if split == "train":
         return BatchIterator(ds, cfg.batch_size, cfg.seq_len, rank=rank, world_size=world_size, seed=cfg.seed)
     return _one_pass(ds, cfg.batch_size, cfg.seq_len, rank, world_size)

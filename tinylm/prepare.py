@@ -39,8 +39,9 @@ import numpy as np
 
 from tinylm.chat_format import encode_chat, encode_preference
 from tinylm.formats import DataError, ReadStats, check_kind, iter_raw, parse_record
+from tinylm.special_tokens import encode_text, find_special, resolve_allow
 
-FORMAT_VERSION = 2  # 2: packed SFT rows mark conversation starts (mask bit 1)
+FORMAT_VERSION = 3  # 2: packed SFT rows mark conversation starts (mask bit 1); 3: special strings in text are text
 TRAINED, DOC_START = 1, 2  # mask.bin bits
 CHUNK_BYTES = 1 << 20  # raw text per worker task
 
@@ -90,11 +91,15 @@ def pad_id_of(tokenizer) -> int:
     return int(pid) if pid is not None else doc_separator_id(tokenizer)
 
 
-def encode_text(tokenizer, text: str) -> list[int]:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        return backend.encode(text, add_special_tokens=False).ids
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+def record_strings(rec) -> Iterator[tuple[str, str]]:
+    """(field, text) of every piece of data text in a record (roles excluded): what a user wrote."""
+    if rec.text is not None:
+        yield "text", rec.text
+    for name in ("messages", "prompt", "chosen", "rejected"):
+        for i, m in enumerate(getattr(rec, name) or []):
+            for key in ("content", "reasoning_content"):
+                if isinstance(m.get(key), str):
+                    yield f"{name}[{i}].{key}", m[key]
 
 
 # ----------------------------------------------------------------------------- parallel encoding
@@ -102,15 +107,20 @@ def encode_text(tokenizer, text: str) -> list[int]:
 _W: dict = {}  # per-process worker state (tokenizer, kind, separator id)
 
 
-def _init_worker(tokenizer, kind: str | None, in_pool: bool = True) -> None:
+def _init_worker(tokenizer, kind: str | None, allow: frozenset[str], in_pool: bool = True) -> None:
     if in_pool:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process
-    _W.update(tok=tokenizer, kind=kind, sep=doc_separator_id(tokenizer))
+    _W.update(tok=tokenizer, kind=kind, sep=doc_separator_id(tokenizer), allow=allow)
+
+
+def _special_field(tok, rec) -> str | None:
+    """The first field of `rec` whose text contains a special-token string, or None."""
+    return next((name for name, text in record_strings(rec) if find_special(tok, text)), None)
 
 
 def _encode_chunk(chunk: list[tuple[str, int, object]]) -> list[tuple]:
     """Parse, validate and tokenize a chunk of raw items; errors are returned, not raised."""
-    tok, kind, sep = _W["tok"], _W["kind"], _W["sep"]
+    tok, kind, sep, allow = _W["tok"], _W["kind"], _W["sep"], _W["allow"]
     out = []
     for path, line, raw in chunk:
         try:
@@ -121,27 +131,31 @@ def _encode_chunk(chunk: list[tuple[str, int, object]]) -> list[tuple]:
             continue
         mask = None
         if rec.kind == "pretrain":
-            ids = encode_text(tok, rec.text)
+            ids = encode_text(tok, rec.text, allow)
             if rec.eos:
                 ids.append(sep)
         elif rec.kind == "chat":
-            ids, mask = encode_chat(tok, rec.messages)
+            ids, mask = encode_chat(tok, rec.messages, allow=allow)
         else:  # preference: only `data check` gets here; report the longer of the two sequences
-            a = encode_preference(tok, rec.prompt, rec.chosen)
-            b = encode_preference(tok, rec.prompt, rec.rejected)
+            a = encode_preference(tok, rec.prompt, rec.chosen, allow=allow)
+            b = encode_preference(tok, rec.prompt, rec.rejected, allow=allow)
             ids, mask = a if len(a[0]) >= len(b[0]) else b
         out.append(("ok", rec.format, path, line, np.asarray(ids, dtype=np.uint32),
-                    None if mask is None else np.asarray(mask, dtype=np.uint8)))
+                    None if mask is None else np.asarray(mask, dtype=np.uint8), _special_field(tok, rec)))
     return out
 
 
 def encode_stream(paths: list[str], tokenizer, kind: str | None = None, workers: int = 1,
                   skip_invalid: bool = False, stats: ReadStats | None = None,
+                  allow_special_tokens: bool | list[str] = False,
                   ) -> Iterator[tuple[str, str, int, np.ndarray, np.ndarray | None]]:
     """Yield (format, path, line, ids uint32, mask uint8 | None) for every valid record, in input
     order. Reads lazily; at most ~2*workers chunks are in memory. Bad records raise DataError, or
-    with skip_invalid are collected in stats.invalid."""
+    with skip_invalid are collected in stats.invalid. Special-token strings in the data are plain
+    text unless `allow_special_tokens` (True, or a list of them); records holding any are counted
+    in stats.special."""
     stats = stats if stats is not None else ReadStats()
+    allow = resolve_allow(tokenizer, allow_special_tokens)
 
     def chunks() -> Iterator[list]:
         for path in paths:
@@ -164,16 +178,20 @@ def encode_stream(paths: list[str], tokenizer, kind: str | None = None, workers:
                 stats.invalid.append(r[1])
             else:
                 stats.counts[r[1]] += 1
-                yield r[1:]
+                if r[6] is not None:
+                    stats.n_special += 1
+                    if len(stats.special) < 5:
+                        stats.special.append(f"{r[2]}:{r[3]}: {r[6]}")
+                yield r[1:6]
 
     if workers <= 1:
-        _init_worker(tokenizer, kind, in_pool=False)
+        _init_worker(tokenizer, kind, allow, in_pool=False)
         for c in chunks():
             yield from consume(_encode_chunk(c))
         return
     methods = mp.get_all_start_methods()
     ctx = mp.get_context("fork" if "fork" in methods else "spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer, kind)) as pool:
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer, kind, allow)) as pool:
         pending: deque = deque()
         for c in chunks():
             pending.append(pool.apply_async(_encode_chunk, (c,)))
@@ -298,9 +316,11 @@ def is_val(i: int, fraction: float) -> bool:
 
 def prepare(inputs: list[str], out_dir: str, kind: str, tokenizer=None, seq_len: int = 512,
             workers: int = 1, skip_invalid: bool = False, pack: bool = False,
-            val_fraction: float = 0.0, drop_remainder: bool = False, log=print) -> dict:
+            val_fraction: float = 0.0, drop_remainder: bool = False, log=print,
+            allow_special_tokens: bool | list[str] = False) -> dict:
     """Tokenize `inputs` into `out_dir` (see module docstring). Returns the train meta dict
-    (with "val" holding the val split's meta when val_fraction > 0)."""
+    (with "val" holding the val split's meta when val_fraction > 0). Special-token strings in the
+    data are encoded as plain text unless `allow_special_tokens` (True or a list of them)."""
     if kind not in ("pretrain", "sft"):
         raise ValueError(f"--kind must be pretrain or sft, got {kind!r}")
     if seq_len < 2:
@@ -327,7 +347,8 @@ def prepare(inputs: list[str], out_dir: str, kind: str, tokenizer=None, seq_len:
     n_long = 0
     i = 0
     try:
-        for _fmt, _path, _line, ids, mask in encode_stream(inputs, tok, kind, workers, skip_invalid, stats):
+        for _fmt, _path, _line, ids, mask in encode_stream(inputs, tok, kind, workers, skip_invalid, stats,
+                                                          allow_special_tokens):
             split = "val" if is_val(i, val_fraction) else "train"
             i += 1
             n_rec[split] += 1
@@ -353,6 +374,7 @@ def prepare(inputs: list[str], out_dir: str, kind: str, tokenizer=None, seq_len:
         "tokenizer": {"path": str(tok_spec) if tok_spec else getattr(tok, "name_or_path", None) or "bundled",
                       "sha256": tokenizer_fingerprint(tok)},
         "val_fraction": val_fraction,
+        "special_token_records": stats.n_special, "allow_special_tokens": allow_special_tokens,
     }
     metas = {}
     for s, r in rows.items():
@@ -374,6 +396,8 @@ def prepare(inputs: list[str], out_dir: str, kind: str, tokenizer=None, seq_len:
         f"{workers} worker{'s' if workers > 1 else ''})")
     if stats.n_invalid:
         log(f"skipped {stats.n_invalid} invalid records (first: {stats.invalid[0]})")
+    if stats.n_special:
+        log(special_note(stats, allow_special_tokens))
     if sft:
         tr = sum(m["truncated"] for m in metas.values())
         nt = sum(m["dropped_no_target"] for m in metas.values())
@@ -397,9 +421,17 @@ def prepare(inputs: list[str], out_dir: str, kind: str, tokenizer=None, seq_len:
 
 # ----------------------------------------------------------------------------- data check
 
+def special_note(stats: ReadStats, allow: bool | list[str]) -> str:
+    """One line on the records whose text holds special-token strings, and what was done with them."""
+    how = ("kept as control tokens: allow_special_tokens" if allow is True else
+           f"plain text except {allow} (allow_special_tokens)" if allow else
+           "encoded as plain text; trusted pre-formatted data can opt in with data.allow_special_tokens")
+    return f"{stats.n_special} records contain special-token strings (first: {stats.special[0]}); {how}"
+
+
 def check(paths: list[str], tokenizer=None, seq_len: int = 512, workers: int = 1,
-          max_print: int = 50, log=print) -> dict:
-    """Validate files (all records), report invalid lines and token-length statistics."""
+          max_print: int = 50, log=print, allow_special_tokens: bool | list[str] = False) -> dict:
+    """Validate files (all records), report invalid lines, special-token strings and token lengths."""
     tok = get_tokenizer(tokenizer)
     per_file: dict[str, ReadStats] = {}
     lengths: dict[str, array] = {}
@@ -408,7 +440,8 @@ def check(paths: list[str], tokenizer=None, seq_len: int = 512, workers: int = 1
     for p in paths:
         st = per_file[p] = ReadStats()
         first: tuple[str, int] | None = None  # (kind, line) of the file's first valid record
-        for fmt, _path, line, ids, mask in encode_stream([p], tok, None, workers, True, st):
+        for fmt, _path, line, ids, mask in encode_stream([p], tok, None, workers, True, st,
+                                                              allow_special_tokens):
             k = FORMAT_KINDS[fmt]
             first = first or (k, line)
             if k != first[0]:  # training reads one kind per file (as `data prepare --kind` will)
@@ -426,9 +459,13 @@ def check(paths: list[str], tokenizer=None, seq_len: int = 512, workers: int = 1
         for e in st.invalid[:max(0, max_print - n_invalid)]:
             log(f"  {e}")
         n_invalid += st.n_invalid
+        if st.n_special:
+            log("  " + special_note(st, allow_special_tokens))
     if n_invalid > max_print:
         log(f"  ... and {n_invalid - max_print} more invalid records")
-    out: dict = {"valid": sum(len(v) for v in lengths.values()), "invalid": n_invalid}
+    out: dict = {"valid": sum(len(v) for v in lengths.values()), "invalid": n_invalid,
+                 "special_token_records": sum(st.n_special for st in per_file.values()),
+                 "special_token_first": next((st.special[0] for st in per_file.values() if st.special), None)}
     for k, arr in lengths.items():
         a = np.frombuffer(arr, dtype=np.int64)
         n_long = int((a > seq_len).sum())
@@ -449,14 +486,26 @@ def check(paths: list[str], tokenizer=None, seq_len: int = 512, workers: int = 1
 # ----------------------------------------------------------------------------- CLI
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    out = check(args.files, args.tokenizer, args.seq_len, args.workers, args.max_print)
+    out = check(args.files, args.tokenizer, args.seq_len, args.workers, args.max_print,
+                allow_special_tokens=args.allow_special_tokens)
     return 1 if out["invalid"] else 0
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
     prepare(args.input, args.out, args.kind, args.tokenizer, args.seq_len, args.workers,
-            args.skip_invalid, args.pack, args.val_fraction, args.drop_remainder)
+            args.skip_invalid, args.pack, args.val_fraction, args.drop_remainder,
+            allow_special_tokens=args.allow_special_tokens)
     return 0
+
+
+def allow_list(value: str) -> bool | list[str]:
+    return True if value.strip().lower() in ("all", "true") else [v for v in value.split(",") if v]
+
+
+def add_allow_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-special-tokens", nargs="?", const=True, default=False, type=allow_list,
+                   metavar="TOKENS", help="trusted pre-formatted data: keep special-token strings in the text "
+                   "as control tokens (all, or a comma list such as '<answer>,</answer>'); default: plain text")
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
@@ -468,6 +517,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--seq-len", type=int, default=512, help="report how many records exceed this")
     c.add_argument("--workers", type=int, default=1)
     c.add_argument("--max-print", type=int, default=50, help="print at most this many invalid records")
+    add_allow_flag(c)
     c.set_defaults(func=_cmd_check)
     q = dsub.add_parser("prepare", help="tokenize into memory-mapped tokens.bin/mask.bin/offsets.npy")
     q.add_argument("--input", nargs="+", required=True, help=".jsonl / .json / .txt files")
@@ -481,5 +531,6 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--val-fraction", type=float, default=0.0, help="fraction of records for DIR/val")
     q.add_argument("--drop-remainder", action="store_true",
                    help="pretrain: drop the final partial row instead of keeping it shorter")
+    add_allow_flag(q)
     q.set_defaults(func=_cmd_prepare)
 

@@ -26,6 +26,7 @@ GRPO format reward.
 from __future__ import annotations
 
 import re
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -175,6 +176,12 @@ class ReasonObjective(SFTObjective):
             raise ValueError(f"config: reason.tag_weight must be >= 0, got {self.tag_weight}")
         self.tag_ids = tag_token_ids(tokenizer)  # fast path: one token per tag (bundled tokenizer)
         self.tag_spans = None if self.tag_ids is not None else TagSpans(tokenizer)
+        allow = cfg.data.allow_special_tokens
+        if self.tag_ids is not None and allow is not True and not {ANSWER_OPEN, ANSWER_CLOSE} <= set(allow or []):
+            print(f"warning: stage reason: {ANSWER_OPEN}/{ANSWER_CLOSE} written in the data are encoded as plain "
+                  "text, so they are not the tag tokens this stage weights; for trusted think/answer data set "
+                  f'data.allow_special_tokens: ["{ANSWER_OPEN}", "{ANSWER_CLOSE}"] (as recipes/reason.yaml does)',
+                  file=sys.stderr)
 
     def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, dict[str, float]]:
         out = model(**lm_inputs(model, batch), use_cache=False)

@@ -35,6 +35,7 @@ from pathlib import Path
 from starlette.requests import Request  # module level: FastAPI resolves handler annotations here
 
 from tinylm.generate import SamplingParams, render_chat
+from tinylm.special_tokens import encode_text
 
 WEB_DIR = Path(__file__).parent / "web"
 ROLES = {"system", "developer", "user", "assistant", "tool"}
@@ -382,7 +383,7 @@ def create_app(engine, model_name: str, api_key: str | None = None, max_tokens_c
         jobs, echo = [], []
         for k, p in enumerate(prompt):
             if isinstance(p, str):
-                ids = tokenizer.encode(p, add_special_tokens=False)
+                ids = encode_text(tokenizer, p)  # no control tokens from text; token arrays may carry them
             elif isinstance(p, list) and p and all(isinstance(t, int) and 0 <= t < len(tokenizer) for t in p):
                 ids = list(p)
             else:

@@ -41,12 +41,17 @@ class DataConfig:
         packing: Pack several chat conversations into one row (SFT only; pretraining is always packed);
             positions restart and attention stays inside each conversation, so the loss is unchanged.
         skip_invalid: Skip malformed records (and report how many) instead of stopping with an error.
+        allow_special_tokens: Special-token strings (`<|im_end|>`, `<think>`, ...) inside the data are
+            encoded as plain text, so only the chat template makes control tokens. For trusted,
+            pre-formatted data: true keeps them all as control tokens, or a list names those that may
+            stay (e.g. ["<answer>", "</answer>"]).
     """
 
     train: str = ""
     val: str = ""
     packing: bool = False
     skip_invalid: bool = False
+    allow_special_tokens: bool | list[str] = False
 
 
 @dataclass
