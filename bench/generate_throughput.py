@@ -9,6 +9,12 @@ on both sides.
 
     python bench/generate_throughput.py                # fp32, CPU
     python bench/generate_throughput.py --threads 1 --bf16 --quick
+    python bench/generate_throughput.py --llamacpp-only  # tinylm fp32 vs llama.cpp f32 / q8_0, tiny + small
+
+llama.cpp baseline (needs llama-cpp-python): the same random weights exported by `tinylm export
+--format gguf` (f32 and q8_0), run through llama-cpp-python with its defaults (f16 KV cache, as users
+get it), greedy, one `llama_decode` per token; the three take turns within each repeat, best of 3.
+tinylm has no 8-bit decode path, so the q8_0 line compares llama.cpp q8_0 with tinylm fp32.
 
 Prints `RESULT <name> <value> <unit> ratio=<x> vs=<baseline>` lines.
 """
@@ -16,11 +22,16 @@ Prints `RESULT <name> <value> <unit> ratio=<x> vs=<baseline>` lines.
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import threading
 import time
 
 import torch
+
+# Clock for the decode timings; `--cpu-time` switches to process CPU time, which (with --threads 1)
+# still measures the work per token when other jobs share the machine.
+CLOCK = [time.perf_counter]
 
 
 def build_models(preset: str, dtype: torch.dtype):
@@ -51,18 +62,18 @@ def time_ours(model, tok, batch: int, prompt_len: int, new: int) -> float:
     from tinylm.generate import SamplingParams, generate
 
     prompts = [[int(t) for t in torch.randint(10, 6000, (prompt_len,))] for _ in range(batch)]
-    t0 = time.perf_counter()
+    t0 = CLOCK[0]()
     generate(model, tok, prompts, SamplingParams(max_new_tokens=new, temperature=0, ignore_eos=True), max_batch=batch)
-    return time.perf_counter() - t0
+    return CLOCK[0]() - t0
 
 
 def time_hf(model, batch: int, prompt_len: int, new: int) -> float:
     x = torch.randint(10, 6000, (batch, prompt_len))
-    t0 = time.perf_counter()
+    t0 = CLOCK[0]()
     with torch.no_grad():
         model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new, min_new_tokens=new, do_sample=False,
                        pad_token_id=0)
-    return time.perf_counter() - t0
+    return CLOCK[0]() - t0
 
 
 def decode_rates(fns: list, batch: int, new: int, repeats: int) -> list[float]:
@@ -77,6 +88,66 @@ def decode_rates(fns: list, batch: int, new: int, repeats: int) -> list[float]:
             t1[i] = min(t1[i], fn(batch, 1))
             tn[i] = min(tn[i], fn(batch, new))
     return [batch * (new - 1) / max(b - a, 1e-9) for a, b in zip(t1, tn)]
+
+
+def load_llamacpp(model, outtype: str, d: str, threads: int):
+    """Export `model` with tinylm's GGUF writer and load it in llama.cpp (None if not installed)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    from tinylm.gguf_export import export_gguf
+    from tinylm.tokenizer import load_tokenizer, save_pretrained_portable
+
+    if not os.path.exists(f"{d}/tinylm/config.json"):
+        model.save_pretrained(f"{d}/tinylm")
+        save_pretrained_portable(load_tokenizer(), f"{d}/tinylm")
+    path = export_gguf(f"{d}/tinylm", f"{d}/m.{outtype}.gguf", outtype).path
+    return llama_cpp.Llama(path, n_ctx=256, n_batch=256, n_threads=threads, n_threads_batch=threads, verbose=False)
+
+
+def clock_name() -> str:
+    return "CPU time" if CLOCK[0] is time.process_time else "wall time"
+
+
+def time_llamacpp(llm, prompt_len: int, new: int) -> float:
+    """Prompt in one llama_decode, then `new` greedy tokens one llama_decode each (as tinylm's loop)."""
+    import numpy as np
+
+    prompt = [int(t) for t in torch.randint(10, 6000, (prompt_len,))]
+    t0 = CLOCK[0]()
+    llm.reset()
+    llm.eval(prompt)
+    for _ in range(new - 1):
+        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+    return CLOCK[0]() - t0
+
+
+def llamacpp_baseline(presets: list[str], new: int, repeats: int) -> None:
+    """Batch-1 decode: tinylm fp32 vs llama.cpp f32 and q8_0 on identical weights, alternating."""
+    from tinylm.config import preset_config
+    from tinylm.model import TinyLMForCausalLM
+    from tinylm.tokenizer import load_tokenizer
+
+    threads = torch.get_num_threads()
+    print(f"llama.cpp baseline: {threads} thread(s) each, {clock_name()}, best of {repeats}", flush=True)
+    for preset in presets:
+        torch.manual_seed(0)
+        tok = load_tokenizer()
+        ours = TinyLMForCausalLM(preset_config(preset, vocab_size=len(tok), eos_token_id=[2, 0])).eval()
+        with tempfile.TemporaryDirectory() as d:
+            llms = {t: load_llamacpp(ours, t, d, threads) for t in ("f32", "q8_0")}
+        if llms["f32"] is None:
+            print("llama-cpp-python not installed: no llama.cpp baseline (pip install llama-cpp-python)")
+            return
+        o, f, q = decode_rates([lambda b, n, m=ours, t=tok: time_ours(m, t, b, 32, n),
+                                lambda b, n, m=llms["f32"]: time_llamacpp(m, 32, n),
+                                lambda b, n, m=llms["q8_0"]: time_llamacpp(m, 32, n)], 1, new, repeats)
+        u = "tok/s" if CLOCK[0] is time.perf_counter else "tok/cpu-s"
+        print(f"RESULT decode_b1_{preset}_vs_llamacpp_f32 {o:.1f} {u} ratio={o / f:.2f} vs=llamacpp_f32 "
+              f"(llama.cpp f32 {f:.1f} {u}; tinylm fp32)", flush=True)
+        print(f"RESULT decode_b1_{preset}_vs_llamacpp_q8_0 {o:.1f} {u} ratio={o / q:.2f} vs=llamacpp_q8_0 "
+              f"(llama.cpp q8_0 {q:.1f} {u}; tinylm fp32: tinylm has no 8-bit decode path)", flush=True)
 
 
 def prefill_rate(ours, hf, prompt_len: int, repeats: int) -> tuple[float, float]:
@@ -149,10 +220,22 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="fewer tokens / repeats")
     p.add_argument("--no-server", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--no-llamacpp", action="store_true", help="skip the llama.cpp baseline")
+    p.add_argument("--llamacpp-only", action="store_true", help="only the llama.cpp baseline")
+    p.add_argument("--llamacpp-presets", default="tiny,small", help="presets for the llama.cpp baseline")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="time decoding in process CPU time (use with --threads 1 on a shared machine)")
     args = p.parse_args()
+    if args.cpu_time:
+        CLOCK[0] = time.process_time
     if args.threads:
         torch.set_num_threads(args.threads)
     new, repeats = (32, 1) if args.quick else (64, 3)
+    if not args.no_llamacpp:
+        print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, llama.cpp baseline")
+        llamacpp_baseline(args.llamacpp_presets.split(","), new, repeats)
+        if args.llamacpp_only:
+            return
     dtypes = [("fp32", torch.float32)] + ([("bf16", torch.bfloat16)] if args.bf16 or args.bf16_only else [])
     dtypes = dtypes[1:] if args.bf16_only else dtypes
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, preset {args.preset}")

@@ -148,3 +148,40 @@ def test_report_plots_post_training_metrics(runs, tmp_path):
     assert {"dpo_margins.png", "dpo_accuracy.png"} <= {p.name for p in (tmp_path / "dpo" / "plots").iterdir()}
     assert "reward.png" in {p.name for p in (tmp_path / "grpo" / "plots").iterdir()}
     assert "![reward](plots/reward.png)" in (tmp_path / "grpo" / "report.md").read_text()
+
+
+def test_reward_recipe(runs):
+    from tinylm.reward import read_score_head
+
+    _, lines = run_recipe(runs, "reward", "reward", f"model={need(runs, 'reason')}")
+    assert any("val_accuracy" in x and "val_length_baseline_accuracy" in x for x in lines)
+    assert read_score_head(runs["reward"]).shape == (1, 32)
+
+
+PPO_SMALL = ["batch_size=4", "ppo.rollout_size=8", "ppo.max_new_tokens=8", "ppo.eval_samples=1"]
+
+
+@pytest.mark.parametrize("variant", ["reward_model", "rules"])
+def test_ppo_recipe_with_both_reward_sources(runs, variant):
+    if "reward" not in runs:
+        test_reward_recipe(runs)
+    source = ([f"ppo.reward_model={runs['reward']}"] if variant == "reward_model"
+              else ["ppo.reward_model=", "ppo.reward=format,accuracy"])
+    _, lines = run_recipe(runs, "ppo", f"ppo_{variant}", f"model={need(runs, 'reason')}", *PPO_SMALL, *source)
+    rows = metrics(runs[f"ppo_{variant}"])
+    assert "| reward " in lines[1] and "| kl " in lines[1]
+    assert [r["step"] for r in rows if "val_reward" in r] == [2]  # the recipe's held-out prompts
+    fn = "reward_model" if variant == "reward_model" else "accuracy_reward"
+    assert any(f"val_rewards/{fn}" in r for r in rows)
+
+
+def test_report_plots_reward_model_and_ppo_metrics(runs, tmp_path):
+    from tinylm.report import write_report
+
+    if "ppo_rules" not in runs:
+        test_ppo_recipe_with_both_reward_sources(runs, "rules")
+    write_report(runs["reward"].parent, tmp_path / "rm")
+    write_report(runs["ppo_rules"].parent, tmp_path / "ppo")
+    assert "rm_accuracy.png" in {p.name for p in (tmp_path / "rm" / "plots").iterdir()}
+    assert {"reward.png", "kl.png", "ppo_losses.png", "ppo_clipfrac.png", "explained_variance.png",
+            "completion_len.png"} <= {p.name for p in (tmp_path / "ppo" / "plots").iterdir()}

@@ -322,7 +322,7 @@ def test_checkpoint_save_is_atomic(workdir, monkeypatch):
     real_save = torch.save
 
     def crash(obj, f, *a, **k):
-        if str(f).endswith("trainer_state.pt"):
+        if str(getattr(f, "name", f)).endswith("trainer_state.pt"):  # a path, or the open file it writes
             raise OSError("disk full (simulated)")
         return real_save(obj, f, *a, **k)
 

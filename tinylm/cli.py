@@ -16,7 +16,7 @@ COMMAND_MODULES = [
     "tinylm.quickstart",   # quickstart
     "tinylm.tokenizer",    # tokenizer train
     "tinylm.interop",      # init, info, export, import
-    "tinylm.prepare",      # data check, data prepare
+    "tinylm.prepare",      # data check, data prepare, data clean
     "tinylm.train",        # train
     "tinylm.chat",         # chat, generate
     "tinylm.server",       # serve

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 
 from tinylm.generate import BatchGenerator, Delta, SamplingParams, Sequence, prompt_opens_think
@@ -56,10 +57,15 @@ class Engine:
         self.max_seq_len = self.gen.max_seq_len
         self._lock = threading.Condition()
         self._inbox: list[Sequence] = []
-        self._cancel: list[Sequence] = []
+        self._cancel: list[tuple[Sequence, int]] = []  # (sequence, its output length when cancel() was called)
         self._running = False
         self._thread: threading.Thread | None = None
         self.steps = 0
+        # k -> how many cancelled sequences still got k tokens (decode steps) after cancel() before their
+        # row was freed: 0 when cancel() came between two steps, 1 when a step was under way. More would
+        # mean that a client who left still costs compute (tests/test_server_fuzz.py and
+        # bench/server_load.py check it under load).
+        self.cancel_lag: Counter[int] = Counter()
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -132,7 +138,7 @@ class Engine:
         """Stop a request (client gone); its KV-cache row is freed before the next step."""
         with self._lock:
             if not seq.finished:
-                self._cancel.append(seq)
+                self._cancel.append((seq, len(seq.output_ids)))
                 self._lock.notify_all()
 
     # -- engine thread ------------------------------------------------------------------------
@@ -147,7 +153,9 @@ class Engine:
                 cancels, self._cancel = self._cancel, []
             for seq in inbox:
                 self.gen.add(seq)
-            for seq in cancels:
+            for seq, tokens_then in cancels:
+                if not seq.finished:  # not already ended (naturally, or by an earlier cancel of the same request)
+                    self.cancel_lag[len(seq.output_ids) - tokens_then] += 1
                 self.gen.cancel(seq)
             if not self.gen.has_work():  # only cancellations this round: nothing to decode
                 continue

@@ -40,7 +40,7 @@ from tinylm.benchmarks import (
 from tinylm.chat_format import render_prompt
 from tinylm.special_tokens import encode_text
 
-TASKS = ("ppl", "ceval", "cmmlu", "mmlu", "mcq", "gen")
+TASKS = ("ppl", "ceval", "cmmlu", "mmlu", "mcq", "gen", "reward")
 FORMAT_RE = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.S)
 
 
@@ -413,6 +413,26 @@ def evaluate_gen(model, tokenizer, data: str | None = None, shots: int = 0, limi
             "samples": rows}
 
 
+def evaluate_reward(spec: str, data: str | None, limit: int | None = None, batch_size: int = 8,
+                    max_length: int | None = None, device: str | None = None) -> dict:
+    """Pairwise accuracy (ties half), mean margin and BT loss of a reward model on a preference file, with
+    the accuracy of "the longer answer wins" beside it. Special-token strings in the pairs stay text except
+    <answer>/</answer> (the bundled reasoning data's setting)."""
+    import torch
+
+    from tinylm.dpo import load_pairs
+    from tinylm.reward import length_baseline_accuracy, load_reward_model, pair_metrics
+
+    if not data:
+        raise ValueError("--task reward needs --data PAIRS (prompt/chosen/rejected, any format DPO reads)")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tok = load_reward_model(spec, device)
+    pairs = load_pairs(data, tok, max_length or 512, allow_special_tokens=["<answer>", "</answer>"])[:limit]
+    m = pair_metrics(model, pairs, tok.pad_token_id if tok.pad_token_id is not None else 0, batch_size)
+    return {"n": len(pairs), "accuracy": m["accuracy"], "margin": m["margin"], "loss": m["loss"],
+            "length_baseline": length_baseline_accuracy(pairs), "model": spec, "lora": None}
+
+
 # ---------------------------------------------------------------------------------------------
 # Several models, one table
 
@@ -423,6 +443,11 @@ def format_table(task: str, results: dict[str, dict]) -> str:
         lines = ["| model | tokens | loss | perplexity | bits/byte |", "|---|---:|---:|---:|---:|"]
         lines += [f"| {m} | {r['tokens']} | {r['loss']:.4f} | {r['ppl']:.2f} | {r['bpb']:.4f} |"
                   for m, r in results.items()]
+        return "\n".join(lines)
+    if task == "reward":
+        lines = ["| model | pairs | accuracy % | length-only baseline % | mean margin |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {m} | {r['n']} | {100 * r['accuracy']:.1f} | {100 * r['length_baseline']:.1f} | "
+                  f"{r['margin']:.4f} |" for m, r in results.items()]
         return "\n".join(lines)
     if task == "gen":
         lines = ["| model | n | exact match % | think/answer format % |", "|---|---:|---:|---:|"]
@@ -463,6 +488,9 @@ def run_eval(models: list[str], task: str, data: str | None = None, shots: int =
         name = f"{name}+{Path(adapter).name}" if adapter else name
         while name in results:
             name += "'"
+        if task == "reward":  # a reward model dir (stage reward): pairwise accuracy on preference pairs
+            results[name] = evaluate_reward(spec, data, limit, batch_size, max_length, device)
+            continue
         model, tok = load_for_eval(spec, adapter, device, dtype)
         if task == "ppl":
             r = evaluate_ppl(model, tok, data, limit, max_length, stride, batch_size)
@@ -482,7 +510,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                    args.split, args.batch_size, args.max_length, args.stride, args.regex, args.max_new_tokens,
                    args.prompt_format, args.device, args.dtype)
     print(f"task {out['task']}  data {out['data']}  shots {out['shots']}"
-          + (f"  scoring {args.scoring}" if args.task not in ("ppl", "gen") else ""))
+          + (f"  scoring {args.scoring}" if args.task not in ("ppl", "gen", "reward") else ""))
     print(format_table(args.task, out["models"]))
     if args.out:
         path = Path(args.out)
@@ -496,7 +524,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate models: ppl, ceval, cmmlu, mmlu, mcq, gen (local files)",
-                       description="Evaluate one or more models on a local benchmark; see docs/eval.md.")
+                       description="Evaluate one or more models on a local benchmark; see docs/eval.md. "
+                                   "--task reward: reward models (stage reward) on --data preference pairs.")
     p.add_argument("models", nargs="+", metavar="MODEL_DIR", help="model dirs (tinylm or any HF causal LM) or presets")
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--data", help="local file or folder in the official layout (default: bundled sample)")

@@ -182,12 +182,12 @@ def _hf_sample(model, prompts: list[list[int]], max_new_tokens: int, temperature
     return res
 
 
-def completion_logps(logits_fn, prompt_ids: list[list[int]], completions: list[list[int]],
-                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probs of each completion given its prompt (one forward over prompt+completion).
+def pack_completions(prompt_ids: list[list[int]], completions: list[list[int]], device: torch.device
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded prompt+completion rows for one forward pass (shared by GRPO and PPO).
 
-    logits_fn(input_ids, attention_mask) -> logits (B, T, V), e.g. the policy or a ReferenceModel.
-    Returns (logps (B, C), mask (B, C)) with C = the longest completion; rows are right-padded.
+    Returns ids (B, T), attention mask (B, T), tgt_pos (B, C) = the position of each completion token
+    in its row, and mask (B, C) = 1 on real completion tokens; C = the longest completion.
     """
     seqs = [p + c for p, c in zip(prompt_ids, completions)]
     t_max = max(len(s) for s in seqs)
@@ -202,11 +202,28 @@ def completion_logps(logits_fn, prompt_ids: list[list[int]], completions: list[l
         attn[i, : len(p) + len(c)] = 1
         tgt_pos[i, : len(c)] = torch.arange(len(p), len(p) + len(c), device=device)
         mask[i, : len(c)] = 1
-    logits = logits_fn(ids, attn)                                        # (B, T, V)
+    return ids, attn, tgt_pos, mask
+
+
+def gather_completion_logps(logits: torch.Tensor, ids: torch.Tensor, tgt_pos: torch.Tensor,
+                            mask: torch.Tensor) -> torch.Tensor:
+    """logits (B, T, V) of packed rows -> per-token log-probs (B, C) of the completion tokens (0 on padding)."""
     pred = logits.gather(1, (tgt_pos - 1).clamp(min=0)[:, :, None].expand(-1, -1, logits.size(-1)))  # (B, C, V)
     logp = torch.log_softmax(pred.float(), dim=-1)
     tok = ids.gather(1, tgt_pos)                                         # (B, C)
-    return logp.gather(2, tok[:, :, None]).squeeze(-1) * mask, mask
+    return logp.gather(2, tok[:, :, None]).squeeze(-1) * mask
+
+
+def completion_logps(logits_fn, prompt_ids: list[list[int]], completions: list[list[int]],
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs of each completion given its prompt (one forward over prompt+completion).
+
+    logits_fn(input_ids, attention_mask) -> logits (B, T, V), e.g. the policy or a ReferenceModel.
+    Returns (logps (B, C), mask (B, C)) with C = the longest completion; rows are right-padded.
+    """
+    ids, attn, tgt_pos, mask = pack_completions(prompt_ids, completions, device)
+    logits = logits_fn(ids, attn)                                        # (B, T, V)
+    return gather_completion_logps(logits, ids, tgt_pos, mask), mask
 
 
 # -- data and objective -----------------------------------------------------------------------------

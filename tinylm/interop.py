@@ -258,9 +258,16 @@ def export(model_dir: str | Path, out_dir: str | Path, arch: str = "auto", lora:
     tensors = convert_state_dict(state, config, arch)
     tensors = {k: (v if k.endswith("e_score_correction_bias") else v.to(target)) for k, v in tensors.items()}
 
+    hf_config = hf_config_for(config, arch, target)
+    score = read_score_head_of(src)
+    if score is not None:  # a reward model (stage reward): *ForSequenceClassification, one label
+        tensors.pop("lm_head.weight", None)
+        tensors["score.weight"] = score.to(target).contiguous()
+        hf_config.num_labels = 1
+        hf_config.architectures = [export_class(arch, True)]
     tmp = _staging_dir(out)
     try:
-        hf_config_for(config, arch, target).save_pretrained(str(tmp))
+        hf_config.save_pretrained(str(tmp))
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if (src / "generation_config.json").exists():
             shutil.copy2(src / "generation_config.json", tmp / "generation_config.json")
@@ -269,6 +276,19 @@ def export(model_dir: str | Path, out_dir: str | Path, arch: str = "auto", lora:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return arch
+
+
+def read_score_head_of(model_dir: Path) -> torch.Tensor | None:
+    """The reward head (`score.weight`, (1, hidden)) of a reward-model dir (tinylm/reward.py), or None."""
+    from tinylm.reward import read_score_head
+
+    return read_score_head(model_dir)
+
+
+def export_class(arch: str, reward_model: bool) -> str:
+    """transformers class name of an export: the causal LM, or its *ForSequenceClassification twin
+    (a reward model; transformers scores the last non-pad token with `score`, as tinylm does)."""
+    return HF_CLASS[arch].replace("ForCausalLM", "ForSequenceClassification") if reward_model else HF_CLASS[arch]
 
 
 def _export_merged_hf(src: Path, out: Path, lora: str, dtype: str | None, raw: dict[str, Any], arch: str) -> str:
@@ -522,10 +542,18 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    if args.format == "gguf":
+        from tinylm.gguf_export import cmd_export_gguf
+
+        return cmd_export_gguf(args)
+    if args.ollama or args.outtype:
+        raise ValueError("--ollama and --outtype go with --format gguf")
     arch = export(args.model, args.out, arch=args.arch, lora=args.merge_lora, dtype=args.dtype)
-    print(f"wrote {args.out} as {HF_CLASS.get(arch, arch)} (loads with plain transformers: "
-          f"AutoModelForCausalLM.from_pretrained({str(args.out)!r}))")
-    print(f"llama.cpp: python convert_hf_to_gguf.py {args.out} --outfile model.gguf")
+    rm = arch in HF_CLASS and read_score_head_of(Path(args.out)) is not None
+    auto = "AutoModelForSequenceClassification" if rm else "AutoModelForCausalLM"
+    print(f"wrote {args.out} as {export_class(arch, rm) if arch in HF_CLASS else arch} (loads with plain "
+          f"transformers: {auto}.from_pretrained({str(args.out)!r}))")
+    print(f"llama.cpp / Ollama: tinylm export {args.model} --format gguf --out model.gguf [--ollama]")
     return 0
 
 
@@ -552,11 +580,16 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("export", help="write a plain-transformers (Llama/Qwen3/Dots1/...) directory")
     p.add_argument("model", help="tinylm model directory")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="output directory (--format gguf: the .gguf file)")
     p.add_argument("--arch", default="auto", choices=("auto", *ARCHES), help="target architecture (default: auto)")
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: as stored)")
     p.add_argument("--merge-lora", default=None, metavar="ADAPTER_DIR",
                    help="fold a LoRA adapter in first (also for a transformers base: saved merged, same architecture)")
+    p.add_argument("--format", default="hf", choices=("hf", "gguf"),
+                   help="hf: a transformers directory (default); gguf: one llama.cpp / Ollama file (--out X.gguf)")
+    p.add_argument("--outtype", default=None, choices=("f32", "f16", "bf16", "q8_0"),
+                   help="GGUF weight type (default f16; norms and the MoE router stay f32)")
+    p.add_argument("--ollama", action="store_true", help="with --format gguf: also write a Modelfile next to it")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("import", help="convert a transformers Llama/Qwen3 directory to tinylm")

@@ -509,8 +509,8 @@ def add_allow_flag(p: argparse.ArgumentParser) -> None:
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("data", help="check and tokenize training data (see docs/data.md)")
-    dsub = p.add_subparsers(dest="data_command", required=True, metavar="{check,prepare}")
+    p = sub.add_parser("data", help="check, clean and tokenize training data (see docs/data.md)")
+    dsub = p.add_subparsers(dest="data_command", required=True, metavar="{check,prepare,clean}")
     c = dsub.add_parser("check", help="validate data files and print token-length statistics")
     c.add_argument("files", nargs="+", help=".jsonl / .json / .txt files")
     c.add_argument("--tokenizer", default=None, help="tokenizer dir (default: bundled)")
@@ -533,4 +533,6 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    help="pretrain: drop the final partial row instead of keeping it shorter")
     add_allow_flag(q)
     q.set_defaults(func=_cmd_prepare)
+    from tinylm.clean import add_cli as add_clean_cli
+    add_clean_cli(dsub)
 

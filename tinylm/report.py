@@ -151,6 +151,14 @@ def _nearest_ckpt(run_dir: Path, step: int) -> str:
     return f"{ckpts[best]}{note}"
 
 
+RL_NOTES = {
+    "ppo": "PPO: the loss is the clipped surrogate + value loss of each minibatch, not a learning curve; judge "
+           "the run by reward / val_reward (reward.png), kl (kl.png) and explained_variance.",
+    "reward": "Reward model: the loss is the Bradley-Terry loss; judge the run by held-out val_accuracy against "
+              "val_length_baseline_accuracy (rm_accuracy.png).",
+}
+
+
 def diagnose(run: Run, vocab_size: int | None = None) -> list[Finding]:
     """Learning-curve findings, each with its evidence."""
     rows = run.train
@@ -171,6 +179,9 @@ def diagnose(run: Run, vocab_size: int | None = None) -> list[Finding]:
             f"{_nearest_ckpt(run.path, before[-1]['step'] if before else 0)}.")))
         good_rows = before
     if len(good_rows) < 5:
+        return findings
+    if run.config.get("stage") in RL_NOTES:  # their loss is no next-token loss: the LM checks below mislead
+        findings.append(Finding("good", RL_NOTES[run.config["stage"]]))
         return findings
     steps = [r["step"] for r in good_rows]
     loss = [float(r["loss"]) for r in good_rows]
@@ -349,9 +360,16 @@ def plot_runs(runs: list[Run], out_dir: str | Path) -> list[Path]:
 
     # Post-training curves, when the rows have them: GRPO's reward (its loss is ~0 on-policy) with the
     # held-out val_reward, DPO's reward margin and pair accuracy (as TRL logs them).
-    post = [(("reward", "val_reward"), "mean reward (GRPO; val = held-out prompts)", "reward.png"),
+    post = [(("reward", "val_reward"), "mean reward (GRPO / PPO; val = held-out prompts)", "reward.png"),
             (("rewards/margins",), "DPO reward margin (chosen - rejected)", "dpo_margins.png"),
-            (("rewards/accuracies",), "DPO accuracy (pairs ranked right)", "dpo_accuracy.png")]
+            (("rewards/accuracies",), "DPO accuracy (pairs ranked right)", "dpo_accuracy.png"),
+            (("accuracy", "val_accuracy", "val_length_baseline_accuracy"),
+             "reward model pairwise accuracy (val = held-out pairs)", "rm_accuracy.png"),
+            (("kl",), "KL to the reference (PPO: summed over tokens)", "kl.png"),
+            (("pg_loss", "vf_loss"), "PPO policy / value loss", "ppo_losses.png"),
+            (("pg_clipfrac", "vf_clipfrac"), "PPO clip fractions", "ppo_clipfrac.png"),
+            (("explained_variance",), "PPO value explained variance (1 = perfect)", "explained_variance.png"),
+            (("completion_len",), "response length (tokens)", "completion_len.png")]
     for keys, title, fname in post:
         series = [[_series(_rows_with(run, k), k) for k in keys] for run in runs]
         if not any(x for per_run in series for x, _ in per_run):

@@ -26,20 +26,29 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
+from tinylm.checkpoint import (
+    checkpoint_step,
+    latest_checkpoint,
+    load_checkpoint,
+    remove_unfinished_saves,
+    resume_checkpoint,
+    save_checkpoint,
+    save_final,
+    write_model_files,
+)
 from tinylm.hf_compat import enable_checkpointing
-from tinylm.tokenizer import save_pretrained_portable
+from tinylm.metrics import MetricsLogger, peak_memory_mb, progress_line
 from tinylm.trainconfig import TrainConfig, config_to_dict, load_config, save_config
 
 
@@ -97,7 +106,14 @@ def make_objective(cfg: TrainConfig) -> Any:
     if stage == "grpo":
         from tinylm.grpo import GRPOObjective
         return GRPOObjective(cfg)
-    raise ValueError(f"stage {stage!r} has no objective (known: pretrain, sft, dpo, distill, reason, grpo)")
+    if stage == "reward":
+        from tinylm.reward import RewardObjective
+        return RewardObjective(cfg)
+    if stage == "ppo":
+        from tinylm.ppo import PPOObjective
+        return PPOObjective(cfg)
+    raise ValueError(f"stage {stage!r} has no objective "
+                     "(known: pretrain, sft, dpo, distill, reason, grpo, reward, ppo)")
 
 
 def keep_freed_memory_in_heap() -> None:
@@ -196,24 +212,6 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=nb) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def resolve_resume(cfg: TrainConfig) -> Path | None:
-    """Checkpoint to resume from, or None. A fresh run refuses to mix with an old run's checkpoints."""
-    from tinylm.checkpoint import latest_checkpoint
-
-    if isinstance(cfg.resume, str) and cfg.resume not in ("", "false", "true"):
-        path = Path(cfg.resume)
-        if not (path / "trainer_state.pt").exists():
-            raise FileNotFoundError(f"resume={cfg.resume}: not a checkpoint directory (no trainer_state.pt)")
-        return path
-    latest = latest_checkpoint(cfg.out_dir)
-    if cfg.resume is True or cfg.resume == "true":
-        return latest
-    if latest is not None:
-        raise ValueError(f"out_dir {cfg.out_dir} already has checkpoints (latest {latest.name}); "
-                         "pass resume=true to continue, or choose another out_dir")
-    return None
-
-
 def apply_adapters(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
     """LoRA / QLoRA hook: freezes the model and adds adapters when cfg.lora.enabled (tinylm/lora.py)."""
     if cfg.lora.enabled:
@@ -222,33 +220,6 @@ def apply_adapters(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
         model = apply_lora(model, cfg.lora)
         model.lora_settings["base_model"] = cfg.model  # written to adapter_config.json
     return model
-
-
-def save_final(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path, name: str = "final",
-               info: dict[str, Any] | None = None) -> Path:
-    """HF-format model directory with tokenizer + generation config, written atomically to out_dir/NAME
-    (`final`, or `best`: the weights of the lowest validation loss). `info` goes to training_info.json."""
-    from tinylm.checkpoint import replace_dir
-
-    final = Path(out_dir) / name
-    tmp = Path(tempfile.mkdtemp(dir=Path(out_dir), prefix=f".tmp_{name}_"))
-    try:
-        gen = getattr(model, "generation_config", None)
-        if gen is not None and gen.eos_token_id is None and tokenizer is not None:
-            gen.eos_token_id = tokenizer.eos_token_id
-        if getattr(model, "lora_settings", None) is not None:  # LoRA: only the adapter (PEFT format)
-            from tinylm.lora import save_adapter
-            save_adapter(model, tmp, model.lora_settings.get("base_model", ""))
-        else:
-            model.save_pretrained(str(tmp), safe_serialization=True)
-        if tokenizer is not None:
-            save_pretrained_portable(tokenizer, tmp)
-        if info:
-            (tmp / "training_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        replace_dir(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 def accumulate_gradients(objective: Any, model: torch.nn.Module, batches: Any, n_micro: int,
@@ -342,27 +313,153 @@ def generate_samples(objective: Any, model: torch.nn.Module, tokenizer: Any, cfg
 
 
 # -- the loop ------------------------------------------------------------------------------------
+# train() reads top to bottom: setup (which resumes), then per step train_step, log_step, side_work,
+# then finish. `Run` is what the phases read; `Loop` holds the counters they advance.
+
+@dataclass
+class Run:
+    """Everything the phases of one run read, built once by `setup`."""
+
+    cfg: TrainConfig
+    rank: int
+    world: int
+    master: bool                         # rank 0: logs, samples, saves
+    device: torch.device
+    say: Callable[..., Any]              # `log` on rank 0, silent on the others
+    out_dir: Path
+    config_yaml: str                     # the resolved config, copied into every checkpoint
+    model: torch.nn.Module               # unwrapped: saved, sampled, MoE-balanced
+    fwd_model: torch.nn.Module           # forward passes: `model`, or its DDP / torch.compile wrapper
+    tokenizer: Any
+    objective: Any
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    use_scaler: bool
+    autocast_dtype: torch.dtype | None
+    amp: Callable[[], Any]               # autocast context (or a null one) for forward passes
+    micro_scale: float                   # constant loss scale: keeps summed losses O(1) for fp16
+    params: list[torch.nn.Parameter]     # the trainable ones
+    is_moe: bool
+    train_it: Any                        # resumable batch source: its state_dict() goes into checkpoints
+    train_stream: Iterator[dict[str, Any]]
+    total_steps: int                     # 0 = until the time budget
+    budget_s: float                      # 0 = no time budget
+    logger: Any
+
+
+@dataclass
+class Loop:
+    """The counters the steps advance; a checkpoint's trainer_state.pt restores them."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    elapsed_before: float = 0.0          # seconds trained by the processes this run resumed from
+    best_val: float = math.inf
+    last_loss: float = math.nan
+    last_val: float | None = None
+    t_start: float = 0.0                 # when this process took its first step
+    win_t: float = 0.0                   # the logging window (tokens/s, data time, ETA since the last row)
+    win_tokens: int = 0
+    win_data: float = 0.0
+    win_steps: int = 0
+
+    def elapsed(self, now: float | None = None) -> float:
+        return self.elapsed_before + (time.time() if now is None else now) - self.t_start
+
+    def new_window(self) -> None:
+        self.win_t, self.win_tokens, self.win_data, self.win_steps = time.time(), 0, 0.0, 0
+
+
+@dataclass
+class Step:
+    """What one call of `train_step` did, for `log_step`."""
+
+    status: str                          # "applied", "skipped" (no supervised items) or "out_of_time"
+    lr: float = 0.0
+    loss: float = math.nan
+    grad_norm: float = math.nan
+    overflow: bool = False               # fp16: GradScaler skipped the update (routine, not divergence)
+    extra: dict[str, float] = field(default_factory=dict)
+
 
 def train(cfg: TrainConfig, objective: Any = None, log: Any = print) -> dict[str, Any]:
     """Run one training job. Returns a summary (final loss, steps, paths). See module docstring."""
-    import yaml
+    run, loop = setup(cfg, objective, log)
+    announce(run)
+    loop.t_start = time.time()
+    loop.new_window()
+    try:
+        while not (run.total_steps and loop.step >= run.total_steps):
+            step = train_step(run, loop)
+            if step.status == "out_of_time":
+                break
+            if step.status == "skipped":
+                continue
+            done = bool(run.total_steps) and loop.step >= run.total_steps
+            log_step(run, loop, step, done)
+            side_work(run, loop, done)
+    finally:
+        run.logger.close()
+    return finish(run, loop)
 
-    from tinylm.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-    from tinylm.loading import load_model
-    from tinylm.metrics import MetricsLogger, peak_memory_mb, progress_line
+
+# -- setup and resume
+
+def setup(cfg: TrainConfig, objective: Any, log: Any) -> tuple[Run, Loop]:
+    """Everything before the first step, in an order that matters: a checkpoint's RNG state is restored
+    after the model init has drawn from the seed, and before the data order is drawn."""
+    import yaml
 
     cfg.validate()
     rank, _, world, device = setup_distributed(cfg)
     if device.type == "cpu":
         keep_freed_memory_in_heap()
-    master = rank == 0
-    say = log if master else (lambda *a, **k: None)
+    say = log if rank == 0 else (lambda *a, **k: None)
     out_dir = Path(cfg.out_dir)
-    resume_from = resolve_resume(cfg)
-    if master:
+    resume_from = resume_checkpoint(cfg.resume, out_dir, say)
+    if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
+        for p in remove_unfinished_saves(out_dir):
+            say(f"removed {p}: the unfinished save of a process that was killed")
     config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)
+
+    model, tokenizer, objective = build_model(cfg, objective, device)
+    optimizer = build_optimizer(model, cfg, device)
+    autocast_dtype, use_scaler = autocast_settings(cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    loop, data_state = restore(resume_from, model, optimizer, scaler, say)
+
+    fwd_model: torch.nn.Module = model
+    if world > 1:
+        fwd_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        fwd_model = torch.compile(fwd_model, dynamic=False)  # dynamic shapes hit an inductor CPU bug (torch 2.13)
+    train_it = objective.batches("train", rank, world)
+    if data_state is not None:
+        train_it.load_state_dict(data_state)
+    total_steps = cfg.max_steps
+    if total_steps == 0 and cfg.epochs > 0:  # a time budget, if set, is an extra cap
+        total_steps = max(1, math.ceil(cfg.epochs * math.ceil(len(train_it) / cfg.grad_accum)))
+    logger = MetricsLogger(out_dir, cfg.report_to, cfg.run_name, config_to_dict(cfg), enabled=rank == 0,
+                           resume_step=loop.step if resume_from is not None else None)
+    amp = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype else contextlib.nullcontext
+    run = Run(cfg=cfg, rank=rank, world=world, master=rank == 0, device=device, say=say, out_dir=out_dir,
+              config_yaml=config_yaml, model=model, fwd_model=fwd_model, tokenizer=tokenizer, objective=objective,
+              optimizer=optimizer, scaler=scaler, use_scaler=use_scaler, autocast_dtype=autocast_dtype, amp=amp,
+              micro_scale=1.0 / (cfg.batch_size * cfg.seq_len),
+              params=[p for p in model.parameters() if p.requires_grad],
+              is_moe=callable(getattr(model, "update_expert_bias", None))
+              and bool(getattr(model.config, "num_experts", 0)),
+              train_it=train_it, train_stream=iter(train_it), total_steps=total_steps,
+              budget_s=cfg.time_budget_min * 60.0, logger=logger)
+    return run, loop
+
+
+def build_model(cfg: TrainConfig, objective: Any, device: torch.device) -> tuple[torch.nn.Module, Any, Any]:
+    """(model on `device` in train mode, with adapters if asked; tokenizer; the stage's objective, set up)."""
+    from tinylm.loading import load_model
 
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(cfg.model, dtype="fp32", tokenizer=cfg.tokenizer or None, seed=cfg.seed)
@@ -370,206 +467,206 @@ def train(cfg: TrainConfig, objective: Any = None, log: Any = print) -> dict[str
     if cfg.grad_checkpointing:
         enable_checkpointing(model)
     model.train()
-    raw_model = model
     objective = objective if objective is not None else make_objective(cfg)
-    objective.setup(raw_model, tokenizer, cfg, device)
-    optimizer = build_optimizer(raw_model, cfg, device)
-    autocast_dtype, use_scaler = autocast_settings(cfg, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    params = [p for p in raw_model.parameters() if p.requires_grad]
-    is_moe = callable(getattr(raw_model, "update_expert_bias", None)) and getattr(raw_model.config, "num_experts", 0)
+    objective.setup(model, tokenizer, cfg, device)
+    return model, tokenizer, objective
 
-    # State to restore (weights, optimizer, RNG, data position, counters).
-    step, tokens_seen, elapsed_before = 0, 0, 0.0
-    state: dict[str, Any] = {}
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, raw_model, optimizer)
-        step, tokens_seen = int(state["step"]), int(state["tokens_seen"])
-        elapsed_before = float(state.get("elapsed_s", 0.0))
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        say(f"resumed from {resume_from} at step {step}")
 
-    fwd_model: torch.nn.Module = raw_model
-    if world > 1:
-        fwd_model = torch.nn.parallel.DistributedDataParallel(
-            raw_model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        fwd_model = torch.compile(fwd_model, dynamic=False)  # dynamic shapes hit an inductor CPU bug (torch 2.13)
+def restore(resume_from: Path | None, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            scaler: torch.amp.GradScaler, say: Callable[..., Any]) -> tuple[Loop, Any]:
+    """Weights, optimizer, RNG, GradScaler and counters from a checkpoint (fresh counters without one).
+    Also returns the saved data-iterator position, or None."""
+    if resume_from is None:
+        return Loop(), None
+    state = load_checkpoint(resume_from, model, optimizer)
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    loop = Loop(step=int(state["step"]), tokens_seen=int(state["tokens_seen"]),
+                elapsed_before=float(state.get("elapsed_s", 0.0)), best_val=float(state.get("best_val", math.inf)))
+    say(f"resumed from {resume_from} at step {loop.step}")
+    return loop, state.get("data")
 
-    train_it = objective.batches("train", rank, world)
-    if state.get("data") is not None:
-        train_it.load_state_dict(state["data"])
-    train_stream = iter(train_it)  # train_it keeps the resumable position (state_dict)
-    total_steps = cfg.max_steps
-    if total_steps == 0 and cfg.epochs > 0:  # a time budget, if set, is an extra cap
-        per_epoch = math.ceil(len(train_it) / cfg.grad_accum)
-        total_steps = max(1, math.ceil(cfg.epochs * per_epoch))
-    budget_s = cfg.time_budget_min * 60.0
 
-    logger = MetricsLogger(out_dir, cfg.report_to, cfg.run_name, config_to_dict(cfg), enabled=master,
-                           resume_step=step if resume_from is not None else None)
-    n_params = sum(p.numel() for p in params)
-    sizes = f"{n_params / 1e6:.2f}M trainable params"
+def announce(run: Run) -> None:
+    """The start line: what trains, where, in which precision, on which batch, for how long."""
+    cfg = run.cfg
+    sizes = f"{sum(p.numel() for p in run.params) / 1e6:.2f}M trainable params"
     if cfg.lora.enabled:  # trainable / total params, and the 4-bit storage for QLoRA
         from tinylm.lora import size_summary
-        sizes = size_summary(raw_model)
-    say(f"stage {cfg.stage} | model {cfg.model} | {sizes} | device {device} x{world} | "
-        f"dtype {autocast_dtype or torch.float32} | global batch {cfg.batch_size * cfg.grad_accum * world} rows "
-        f"x {cfg.seq_len} | steps {total_steps or 'until time budget'}")
+        sizes = size_summary(run.model)
+    run.say(f"stage {cfg.stage} | model {cfg.model} | {sizes} | device {run.device} x{run.world} | "
+            f"dtype {run.autocast_dtype or torch.float32} | global batch "
+            f"{cfg.batch_size * cfg.grad_accum * run.world} rows x {cfg.seq_len} | "
+            f"steps {run.total_steps or 'until time budget'}")
 
-    micro_scale = 1.0 / (cfg.batch_size * cfg.seq_len)  # constant: keeps summed losses O(1) for fp16
-    amp = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype else contextlib.nullcontext
-    t_start = time.time()
-    win_t, win_tokens, win_data, win_steps = time.time(), 0, 0.0, 0
-    last_loss, last_val = float("nan"), None
-    best_val = float(state.get("best_val", math.inf))
 
-    def stop_nonfinite(what: str, loss: float, grad_norm: float | None, at_step: int, lr: float) -> None:
-        # Logged first, so that `tinylm report` diagnoses the divergence from metrics.jsonl
-        # (non-finite values as strings: metrics.jsonl stays strict JSON).
-        def num(x: float | None) -> float | str | None:
-            return x if x is None or math.isfinite(x) else str(x)
+# -- one step
 
-        logger.log({"step": at_step, "loss": num(loss), "grad_norm": num(grad_norm), "lr": lr, "nonfinite": what})
-        raise NonFiniteLossError(_nonfinite_message(what, grad_norm if what == "gradient norm" else loss,
-                                                    at_step, out_dir))
+def train_step(run: Run, loop: Loop) -> Step:
+    """Set the lr, forward/backward over grad_accum micro-batches, then `apply_update`.
 
-    def model_files(d: Path) -> None:  # full weights: the checkpoint doubles as a model directory
-        if getattr(raw_model, "lora_settings", None) is None and hasattr(raw_model, "config"):
-            raw_model.config.save_pretrained(str(d))
-            if getattr(raw_model, "generation_config", None) is not None:
-                raw_model.generation_config.save_pretrained(str(d))
-            if tokenizer is not None:
-                save_pretrained_portable(tokenizer, d)
+    A rank past its time budget still joins the all-reduce, so that all ranks stop at the same step.
+    """
+    cfg = run.cfg
+    elapsed = loop.elapsed()
+    lr = lr_at(loop.step, cfg, run.total_steps, elapsed / run.budget_s if run.budget_s else 0.0)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    batches = (next(run.train_stream) for _ in range(cfg.grad_accum))
+    stats, extra, data_s = accumulate_gradients(run.objective, run.fwd_model, batches, cfg.grad_accum, run.device,
+                                                run.amp, run.scaler, run.micro_scale, ddp=run.world > 1)
+    loop.win_data += data_s
+    stats[3] = float(run.budget_s > 0 and elapsed >= run.budget_s)
+    if run.world > 1:
+        torch.distributed.all_reduce(stats)
+    total_loss, n_total = float(stats[0]), float(stats[1])
+    if stats[3] > 0:  # any rank over its time budget -> all stop together
+        run.optimizer.zero_grad(set_to_none=True)
+        run.say(f"time budget of {cfg.time_budget_min} min reached at step {loop.step}")
+        return Step("out_of_time")
+    if n_total == 0:
+        run.optimizer.zero_grad(set_to_none=True)
+        run.say(f"warning: step {loop.step + 1} had no supervised items (all labels -100); skipped")
+        loop.step += 1
+        return Step("skipped")
+    loss = total_loss / n_total
+    if not math.isfinite(loss):
+        stop_nonfinite(run, "loss", loss, None, loop.step + 1, lr)
+    grad_norm, overflow = apply_update(run, n_total, loss, loop.step + 1, lr)
+    loop.step += 1
+    loop.tokens_seen += int(stats[2])
+    loop.win_tokens += int(stats[2])
+    loop.win_steps += 1
+    loop.last_loss = loss
+    return Step("applied", lr, loss, grad_norm, overflow, extra)
 
-    def save(at_step: int) -> None:
-        if not master:
-            return
-        path = save_checkpoint(out_dir, at_step, raw_model, optimizer, {
-            "step": at_step, "tokens_seen": tokens_seen, "elapsed_s": elapsed_before + time.time() - t_start,
-            "data": train_it.state_dict(), "scaler": scaler.state_dict() if use_scaler else {},
-            "total_steps": total_steps, "world_size": world, "best_val": best_val,
-        }, config_yaml, cfg.keep_last, model_files)
-        if getattr(raw_model, "lora_settings", None) is not None:  # the adapter alone, loadable by PEFT
-            from tinylm.lora import save_adapter
-            save_adapter(raw_model, path, raw_model.lora_settings.get("base_model", ""))
 
-    try:
-        while True:
-            elapsed = elapsed_before + time.time() - t_start
-            over_budget = budget_s > 0 and elapsed >= budget_s
-            if total_steps and step >= total_steps:
-                break
-            lr = lr_at(step, cfg, total_steps, elapsed / budget_s if budget_s else 0.0)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+def apply_update(run: Run, n_total: float, loss: float, at_step: int, lr: float) -> tuple[float, bool]:
+    """Token-mean gradient, clip, AdamW, MoE expert bias. Returns (gradient norm, fp16 overflow).
 
-            stats, extra, data_s = accumulate_gradients(
-                objective, fwd_model, (next(train_stream) for _ in range(cfg.grad_accum)), cfg.grad_accum,
-                device, amp, scaler, micro_scale, ddp=world > 1)
-            win_data += data_s
-            stats[3] = float(over_budget)
-            if world > 1:
-                torch.distributed.all_reduce(stats)
-            total_loss, n_total = float(stats[0]), float(stats[1])
-            if stats[3] > 0:  # any rank over its time budget -> all stop together
-                optimizer.zero_grad(set_to_none=True)
-                say(f"time budget of {cfg.time_budget_min} min reached at step {step}")
-                break
-            if n_total == 0:
-                optimizer.zero_grad(set_to_none=True)
-                say(f"warning: step {step + 1} had no supervised items (all labels -100); skipped")
-                step += 1
-                continue
-            loss = total_loss / n_total
-            if not math.isfinite(loss):
-                stop_nonfinite("loss", loss, None, step + 1, lr)
+    fp16: GradScaler skips a step whose gradients overflowed and lowers its scale; that is routine,
+    not divergence, so it is reported as an overflow instead of stopping on an infinite norm.
+    """
+    run.scaler.unscale_(run.optimizer)
+    grad_norm = finish_gradients(run.params, n_total, run.world, run.micro_scale, run.cfg.grad_clip)
+    if not math.isfinite(grad_norm) and not run.use_scaler:
+        stop_nonfinite(run, "gradient norm", loss, grad_norm, at_step, lr)
+    overflow = run.use_scaler and not math.isfinite(grad_norm)
+    run.scaler.step(run.optimizer)  # with fp16, skipped automatically when grads overflowed
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.is_moe:
+        run.model.update_expert_bias()
+    return grad_norm, overflow
 
-            scaler.unscale_(optimizer)
-            grad_norm = finish_gradients(params, n_total, world, micro_scale, cfg.grad_clip)
-            grad_norm = float(grad_norm)
-            if not math.isfinite(grad_norm) and not use_scaler:
-                stop_nonfinite("gradient norm", loss, grad_norm, step + 1, lr)
-            # fp16: GradScaler skips a step whose gradients overflowed and lowers its scale; that is
-            # routine, not divergence, so it is logged as amp_overflow rather than an infinite norm.
-            overflow = use_scaler and not math.isfinite(grad_norm)
-            scaler.step(optimizer)  # with fp16, skipped automatically when grads overflowed
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if is_moe:
-                raw_model.update_expert_bias()
-            step += 1
-            tokens_seen += int(stats[2])
-            win_tokens += int(stats[2])
-            win_steps += 1
-            last_loss = loss
 
-            done = bool(total_steps) and step >= total_steps
-            if step % cfg.log_every == 0 or done or step == 1:
-                now = time.time()
-                elapsed = elapsed_before + now - t_start
-                tps = win_tokens / max(now - win_t, 1e-9)
-                if total_steps:
-                    eta = (now - win_t) / max(win_steps, 1) * (total_steps - step)
-                else:
-                    eta = budget_s - elapsed
-                row = {"step": step, "loss": round(loss, 6), "lr": lr, "tokens_per_s": round(tps, 1),
-                       "grad_norm": None if overflow else round(grad_norm, 4), "tokens_seen": tokens_seen,
-                       "elapsed_s": round(elapsed, 2), "peak_mem_mb": round(peak_memory_mb(device), 1),
-                       "data_ms": round(1000 * win_data / max(win_steps, 1), 2)}
-                if overflow:
-                    row["amp_overflow"] = True
-                row.update({k: round(v, 6) for k, v in extra.items()})
-                if is_moe and master:
-                    row["expert_load"] = raw_model.moe_load_stats(reset=True)
-                    row["expert_load_max"] = round(max(max(v) for v in row["expert_load"].values()), 4)
-                say(progress_line(row, total_steps, eta))
-                logger.log(row)
-                win_t, win_tokens, win_data, win_steps = time.time(), 0, 0.0, 0
+def stop_nonfinite(run: Run, what: str, loss: float, grad_norm: float | None, at_step: int, lr: float) -> NoReturn:
+    """Log the non-finite value, then raise NonFiniteLossError (the step is not applied).
 
-            t_side = time.time()  # eval / samples / saves are not counted in tokens/s
-            if (cfg.eval_every and step % cfg.eval_every == 0) or done:
-                val = evaluate(objective, fwd_model, cfg, device, autocast_dtype, rank, world)
-                if val is not None:
-                    last_val = val
-                    say(f"step {step} | val_loss {val:.4f}")
-                    logger.log({"step": step, "val_loss": round(val, 6)})
-                    if val < best_val:
-                        best_val = val
-                        if master and cfg.keep_best:  # survives keep_last's pruning (overfitting runs)
-                            save_final(raw_model, tokenizer, out_dir, "best", {"step": step, "val_loss": val})
-                if master and hasattr(objective, "validation_metrics"):  # e.g. GRPO's held-out reward
-                    vm = objective.validation_metrics(raw_model)
-                    if vm:
-                        say(f"step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in vm.items()))
-                        logger.log({"step": step, **{k: round(v, 6) for k, v in vm.items()}})
-            if master and cfg.sample_prompts and ((cfg.sample_every and step % cfg.sample_every == 0) or done):
-                for prompt, text in generate_samples(objective, raw_model, tokenizer, cfg, device, autocast_dtype):
-                    say(f"  sample | {prompt!r} -> {text!r}")
-                    logger.log({"step": step, "sample_prompt": prompt, "sample": text})
-                    logger.log_text("samples", f"{prompt} -> {text}", step)
-            if (cfg.save_every and step % cfg.save_every == 0) or done:
-                save(step)
-            win_t += time.time() - t_side
-    finally:
-        logger.close()
-    # Stopped by max_steps or the time budget: make sure the last state is saved, then the final model.
-    if master:
-        if latest_checkpoint(out_dir) is None or int(latest_checkpoint(out_dir).name.split("_")[1]) != step:
-            save(step)
-        final = save_final(raw_model, tokenizer, out_dir)
-        say(f"done: {step} steps, {tokens_seen:,} tokens, final loss {last_loss:.4f}"
-            + (f", val_loss {last_val:.4f}" if last_val is not None else "") + f" -> {final}")
-    if world > 1:
+    Logged first, so that `tinylm report` diagnoses the divergence from metrics.jsonl (non-finite
+    values as strings: metrics.jsonl stays strict JSON).
+    """
+    def num(x: float | None) -> float | str | None:
+        return x if x is None or math.isfinite(x) else str(x)
+
+    run.logger.log({"step": at_step, "loss": num(loss), "grad_norm": num(grad_norm), "lr": lr, "nonfinite": what})
+    raise NonFiniteLossError(_nonfinite_message(what, grad_norm if what == "gradient norm" else loss,
+                                                at_step, run.out_dir))
+
+
+# -- logging and side work
+
+def log_step(run: Run, loop: Loop, step: Step, done: bool) -> None:
+    """Progress line + metrics row every log_every steps, and at the first and the last step."""
+    if not (loop.step % run.cfg.log_every == 0 or done or loop.step == 1):
+        return
+    now = time.time()
+    elapsed = loop.elapsed(now)
+    if run.total_steps:
+        eta = (now - loop.win_t) / max(loop.win_steps, 1) * (run.total_steps - loop.step)
+    else:
+        eta = run.budget_s - elapsed
+    row = {"step": loop.step, "loss": round(step.loss, 6), "lr": step.lr,
+           "tokens_per_s": round(loop.win_tokens / max(now - loop.win_t, 1e-9), 1),
+           "grad_norm": None if step.overflow else round(step.grad_norm, 4), "tokens_seen": loop.tokens_seen,
+           "elapsed_s": round(elapsed, 2), "peak_mem_mb": round(peak_memory_mb(run.device), 1),
+           "data_ms": round(1000 * loop.win_data / max(loop.win_steps, 1), 2)}
+    if step.overflow:
+        row["amp_overflow"] = True
+    row.update({k: round(v, 6) for k, v in step.extra.items()})
+    if run.is_moe and run.master:
+        row["expert_load"] = run.model.moe_load_stats(reset=True)
+        row["expert_load_max"] = round(max(max(v) for v in row["expert_load"].values()), 4)
+    run.say(progress_line(row, run.total_steps, eta))
+    run.logger.log(row)
+    loop.new_window()
+
+
+def side_work(run: Run, loop: Loop, done: bool) -> None:
+    """Validation, samples and checkpoints when due (all at the last step); not counted in tokens/s."""
+    cfg, step = run.cfg, loop.step
+    t_side = time.time()
+    if (cfg.eval_every and step % cfg.eval_every == 0) or done:
+        validate(run, loop)
+    if run.master and cfg.sample_prompts and ((cfg.sample_every and step % cfg.sample_every == 0) or done):
+        for prompt, text in generate_samples(run.objective, run.model, run.tokenizer, cfg, run.device,
+                                             run.autocast_dtype):
+            run.say(f"  sample | {prompt!r} -> {text!r}")
+            run.logger.log({"step": step, "sample_prompt": prompt, "sample": text})
+            run.logger.log_text("samples", f"{prompt} -> {text}", step)
+    if (cfg.save_every and step % cfg.save_every == 0) or done:
+        save(run, loop)
+    loop.win_t += time.time() - t_side
+
+
+def validate(run: Run, loop: Loop) -> None:
+    """Validation loss on all ranks (a new best is copied to out_dir/best), then the objective's own
+    held-out metrics (e.g. GRPO's reward) on rank 0."""
+    val = evaluate(run.objective, run.fwd_model, run.cfg, run.device, run.autocast_dtype, run.rank, run.world)
+    if val is not None:
+        loop.last_val = val
+        run.say(f"step {loop.step} | val_loss {val:.4f}")
+        run.logger.log({"step": loop.step, "val_loss": round(val, 6)})
+        if val < loop.best_val:
+            loop.best_val = val
+            if run.master and run.cfg.keep_best:  # survives keep_last's pruning (overfitting runs)
+                save_final(run.model, run.tokenizer, run.out_dir, "best", {"step": loop.step, "val_loss": val})
+    if run.master and hasattr(run.objective, "validation_metrics"):
+        vm = run.objective.validation_metrics(run.model)
+        if vm:
+            run.say(f"step {loop.step} | " + " | ".join(f"{k} {v:.4f}" for k, v in vm.items()))
+            run.logger.log({"step": loop.step, **{k: round(v, 6) for k, v in vm.items()}})
+
+
+def save(run: Run, loop: Loop) -> None:
+    """Checkpoint the current step on rank 0: weights, optimizer, data position, counters, RNG, GradScaler."""
+    if not run.master:
+        return
+    state = {"step": loop.step, "tokens_seen": loop.tokens_seen, "elapsed_s": loop.elapsed(),
+             "data": run.train_it.state_dict(), "scaler": run.scaler.state_dict() if run.use_scaler else {},
+             "total_steps": run.total_steps, "world_size": run.world, "best_val": loop.best_val}
+    save_checkpoint(run.out_dir, loop.step, run.model, run.optimizer, state, run.config_yaml, run.cfg.keep_last,
+                    lambda d: write_model_files(run.model, run.tokenizer, d))
+
+
+# -- finish
+
+def finish(run: Run, loop: Loop) -> dict[str, Any]:
+    """Checkpoint the last step if no save covered it (time budget), write final/, wait for all ranks."""
+    if run.master:
+        last = latest_checkpoint(run.out_dir)
+        if last is None or checkpoint_step(last) != loop.step:
+            save(run, loop)
+        final = save_final(run.model, run.tokenizer, run.out_dir)
+        run.say(f"done: {loop.step} steps, {loop.tokens_seen:,} tokens, final loss {loop.last_loss:.4f}"
+                + (f", val_loss {loop.last_val:.4f}" if loop.last_val is not None else "") + f" -> {final}")
+    if run.world > 1:
         torch.distributed.barrier()
-    return {"step": step, "loss": last_loss, "val_loss": last_val, "tokens_seen": tokens_seen,
-            "out_dir": str(out_dir), "final": str(out_dir / "final")}
+    return {"step": loop.step, "loss": loop.last_loss, "val_loss": loop.last_val, "tokens_seen": loop.tokens_seen,
+            "out_dir": str(run.out_dir), "final": str(run.out_dir / "final")}
 
 
 def _nonfinite_message(what: str, value: float, step: int, out_dir: Path) -> str:
-    from tinylm.checkpoint import latest_checkpoint
-
     last = latest_checkpoint(out_dir)
     kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
     return (f"non-finite {what} ({value}) at step {step}: stopped before applying it; {kept}. "

@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-STAGES = ("pretrain", "sft", "dpo", "distill", "reason", "grpo")
+STAGES = ("pretrain", "sft", "dpo", "distill", "reason", "grpo", "reward", "ppo")
 
 
 @dataclass
@@ -156,6 +156,73 @@ class GRPOConfig:
 
 
 @dataclass
+class RewardConfig:
+    """Reward model on preference pairs (stage `reward`; Bradley-Terry loss, Ouyang et al. 2022).
+
+    Args:
+        val_fraction: Share of `data.train` held out for pairwise accuracy when `data.val` is empty.
+        center_rewards_coefficient: Weight of (r_chosen + r_rejected)^2 (Eisenstein et al. 2023; 0 = off).
+    """
+
+    val_fraction: float = 0.1
+    center_rewards_coefficient: float = 0.0
+
+
+@dataclass
+class PPOConfig:
+    """Proximal Policy Optimization with a value function (stage `ppo`; Schulman et al. 2017, InstructGPT).
+
+    Args:
+        reward_model: Reward model directory (trained with stage `reward`); or empty and `reward` set.
+        reward: Rule reward functions, as grpo.reward ("format,accuracy", "module:function").
+        reward_weights: One weight per rule reward function; empty = all 1.
+        value_model: "shared" (a value head on the policy's trunk) or "separate" (a critic network
+            with its own AdamW, initialised from `critic_model` or a copy of the start policy).
+        critic_model: Start weights of the separate critic; empty = a copy of the start policy.
+        critic_lr: Learning rate of the separate critic (constant).
+        rollout_size: Completions sampled per rollout (one per prompt).
+        epochs: PPO epochs over each rollout; each micro-batch of `batch_size` completions is one update.
+        gamma: Discount of the per-token rewards.
+        lam: GAE lambda (Schulman et al. 2015).
+        cliprange: Policy ratio clip epsilon.
+        cliprange_value: Value prediction clip around the rollout's values.
+        vf_coef: Weight of the value loss (shared trunk: added to the policy loss).
+        kl_coef: Per-token KL penalty to the frozen reference, subtracted from the reward.
+        kl_estimator: "k1" (logp - logp_ref) or "k3" ((r - 1) - log r, r = p_ref / p).
+        whiten_rewards: Whiten the per-token rewards before GAE (advantages are always whitened).
+        target_kl: Stop the epochs over a rollout when a minibatch's approx-KL exceeds this (0 = never).
+        max_new_tokens: Length limit of each completion.
+        temperature: Sampling temperature (log-probs are computed at the same temperature).
+        ref_model: Reference model dir; empty = frozen copy of the start model (or adapters off).
+        eval_prompts: Held-out prompts: mean reward logged as `val_reward` at every validation.
+        eval_samples: Completions per held-out prompt.
+    """
+
+    reward_model: str = ""
+    reward: str = ""
+    reward_weights: list[float] = field(default_factory=list)
+    value_model: str = "shared"
+    critic_model: str = ""
+    critic_lr: float = 1.0e-4
+    rollout_size: int = 32
+    epochs: int = 4
+    gamma: float = 1.0
+    lam: float = 0.95
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    kl_coef: float = 0.05
+    kl_estimator: str = "k1"
+    whiten_rewards: bool = False
+    target_kl: float = 0.0
+    max_new_tokens: int = 40
+    temperature: float = 1.0
+    ref_model: str = ""
+    eval_prompts: str = ""
+    eval_samples: int = 2
+
+
+@dataclass
 class ReasonConfig:
     """Reasoning SFT on <think>...</think><answer>...</answer> chats (stage `reason`).
 
@@ -172,7 +239,7 @@ class TrainConfig:
 
     Args:
         stage: What to optimise: "pretrain" (next-token loss on all tokens), "sft" (loss on assistant
-            tokens only), or a post-training stage: "dpo", "distill", "reason", "grpo".
+            tokens only), or a post-training stage: "dpo", "distill", "reason", "grpo", "reward", "ppo".
         model: A preset name (`tiny`, `small`, `base`, `tiny-moe`, `small-moe`; random init) or a model
             directory (tinylm or any Hugging Face causal LM, e.g. `runs/pretrain/final`).
         tokenizer: Tokenizer directory; empty = the model directory's own, or the bundled one for presets.
@@ -221,6 +288,8 @@ class TrainConfig:
         distill: Distillation settings.
         grpo: GRPO settings.
         reason: Reasoning SFT settings.
+        reward: Reward-model settings.
+        ppo: PPO settings.
     """
 
     stage: str = "pretrain"
@@ -264,6 +333,8 @@ class TrainConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     reason: ReasonConfig = field(default_factory=ReasonConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
 
     def validate(self) -> None:
         """Raise ValueError naming the field for values that cannot work."""
