@@ -7,7 +7,6 @@ must produce identical tokens. The export is also loaded in a fresh interpreter 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -21,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 import tinylm
 from tinylm.config import TinyLMConfig
 from tinylm.hf_compat import cache_kwargs, output_cache
-from tinylm.interop import add_cli, choose_arch, export, import_hf, init_model, model_info
+from tinylm.interop import choose_arch, export, import_hf, init_model, model_info
 
 TOL = 1e-4
 BASE = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
@@ -283,9 +282,9 @@ def test_clear_errors(tmp_path):
 
 
 def run_cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="tinylm")
-    add_cli(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
+    from tinylm.cli import build_parser
+
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 

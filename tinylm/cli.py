@@ -15,7 +15,8 @@ import sys
 COMMAND_MODULES = [
     "tinylm.quickstart",   # quickstart
     "tinylm.tokenizer",    # tokenizer train
-    "tinylm.interop",      # init, info, export, import
+    "tinylm.interop",      # init, info, import
+    "tinylm.gguf_export",  # export (transformers directory or GGUF file)
     "tinylm.prepare",      # data check, data prepare, data clean
     "tinylm.train",        # train
     "tinylm.chat",         # chat, generate

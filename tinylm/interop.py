@@ -541,22 +541,6 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_export(args: argparse.Namespace) -> int:
-    if args.format == "gguf":
-        from tinylm.gguf_export import cmd_export_gguf
-
-        return cmd_export_gguf(args)
-    if args.ollama or args.outtype:
-        raise ValueError("--ollama and --outtype go with --format gguf")
-    arch = export(args.model, args.out, arch=args.arch, lora=args.merge_lora, dtype=args.dtype)
-    rm = arch in HF_CLASS and read_score_head_of(Path(args.out)) is not None
-    auto = "AutoModelForSequenceClassification" if rm else "AutoModelForCausalLM"
-    print(f"wrote {args.out} as {export_class(arch, rm) if arch in HF_CLASS else arch} (loads with plain "
-          f"transformers: {auto}.from_pretrained({str(args.out)!r}))")
-    print(f"llama.cpp / Ollama: tinylm export {args.model} --format gguf --out model.gguf [--ollama]")
-    return 0
-
-
 def _cmd_import(args: argparse.Namespace) -> int:
     config = import_hf(args.model, args.out, dtype=args.dtype)
     kind = "MoE" if config.is_moe else "dense"
@@ -577,20 +561,6 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="describe a model directory (tinylm or transformers)")
     p.add_argument("model", help="model directory")
     p.set_defaults(func=_cmd_info)
-
-    p = sub.add_parser("export", help="write a plain-transformers (Llama/Qwen3/Dots1/...) directory")
-    p.add_argument("model", help="tinylm model directory")
-    p.add_argument("--out", required=True, help="output directory (--format gguf: the .gguf file)")
-    p.add_argument("--arch", default="auto", choices=("auto", *ARCHES), help="target architecture (default: auto)")
-    p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: as stored)")
-    p.add_argument("--merge-lora", default=None, metavar="ADAPTER_DIR",
-                   help="fold a LoRA adapter in first (also for a transformers base: saved merged, same architecture)")
-    p.add_argument("--format", default="hf", choices=("hf", "gguf"),
-                   help="hf: a transformers directory (default); gguf: one llama.cpp / Ollama file (--out X.gguf)")
-    p.add_argument("--outtype", default=None, choices=("f32", "f16", "bf16", "q8_0"),
-                   help="GGUF weight type (default f16; norms and the MoE router stay f32)")
-    p.add_argument("--ollama", action="store_true", help="with --format gguf: also write a Modelfile next to it")
-    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("import", help="convert a transformers Llama/Qwen3 directory to tinylm")
     p.add_argument("model", help="transformers model directory")
