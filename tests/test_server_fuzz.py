@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections import Counter
 
 import httpx
@@ -20,6 +19,7 @@ import jsonschema
 import pytest
 import schemathesis
 from test_generate import tiny_model
+from test_server import wait_until
 
 from tinylm.engine import Engine
 from tinylm.server import BackgroundServer, create_app, run_load
@@ -145,15 +145,6 @@ def test_openapi_describes_the_generation_endpoints(server):
 # ---------------------------------------------------------------------------------------------
 # Regression tests: one per bug the fuzzing (and probing the same inputs by hand) found.
 # ---------------------------------------------------------------------------------------------
-def wait_until(cond, timeout: float) -> bool:
-    deadline = time.time() + timeout
-    while not cond():
-        if time.time() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
 def post(server, path: str, body: dict | bytes) -> httpx.Response:
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     return httpx.post(server.url + path, content=content, headers={**AUTH, "Content-Type": "application/json"},

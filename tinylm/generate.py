@@ -33,6 +33,11 @@ import torch
 from tinylm.hf_compat import cache_kwargs, output_cache
 from tinylm.special_tokens import encode_text
 
+# Temperatures this small are greedy for any practical purpose, and near 1e-38 logits / T overflows
+# float32: inf, then NaN probabilities on which sampling raises, failing every sequence of a batched
+# engine step (other clients' too). So they decode greedily.
+MIN_SAMPLING_TEMPERATURE = 1e-6
+
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
@@ -85,7 +90,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < MIN_SAMPLING_TEMPERATURE
 
     @property
     def penalised(self) -> bool:

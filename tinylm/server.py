@@ -76,10 +76,6 @@ MAX_STOPS, MAX_PROMPTS = 16, 16
 # match costs time quadratic in the stop string's length (64k characters: ~0.1 s, times 16 stop
 # strings) inside the engine loop that every client shares. Bounded, so no request can stall it.
 MAX_STOP_CHARS = 1000
-# Temperatures this small are greedy for any practical purpose, and near 1e-38 logits / T overflows
-# float32: inf, then NaN probabilities on which sampling raised, failing every sequence of that
-# engine step (other clients' too). Such requests decode greedily.
-MIN_SAMPLING_TEMPERATURE = 1e-6
 
 
 def _brief(value: object, limit: int = 60) -> str:
@@ -226,7 +222,7 @@ def parse_params(body: dict, prompt_len: int, context: int, max_tokens_cap: int,
     temperature = float(_number(body, "temperature", 1.0, *NUMBERS["temperature"]))
     params = SamplingParams(
         max_new_tokens=max_tokens,
-        temperature=0.0 if temperature < MIN_SAMPLING_TEMPERATURE else temperature,
+        temperature=temperature,  # below MIN_SAMPLING_TEMPERATURE it decodes greedily (generate.py)
         top_p=float(_number(body, "top_p", 1.0, *NUMBERS["top_p"])),
         top_k=_number(body, "top_k", 0, *NUMBERS["top_k"]),
         repetition_penalty=float(_number(body, "repetition_penalty", 1.0, *NUMBERS["repetition_penalty"])),
