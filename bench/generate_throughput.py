@@ -13,8 +13,10 @@ on both sides.
 
 llama.cpp baseline (needs llama-cpp-python): the same random weights exported by `tinylm export
 --format gguf` (f32 and q8_0), run through llama-cpp-python with its defaults (f16 KV cache, as users
-get it), greedy, one `llama_decode` per token; the three take turns within each repeat, best of 3.
-tinylm has no 8-bit decode path, so the q8_0 line compares llama.cpp q8_0 with tinylm fp32.
+get it), greedy, one `llama_decode` per token; all take turns within each repeat, best of 3. tinylm fp32 is
+compared with llama.cpp f32, tinylm's weight-only int8 decode (`quantize="int8"`, tinylm.fast_decode)
+with llama.cpp q8_0; at batch 1 and at batch 16 (llama.cpp: 16 parallel sequences in one context,
+one `llama_decode` of 16 tokens per step, through its raw batch API).
 
 Prints `RESULT <name> <value> <unit> ratio=<x> vs=<baseline>` lines.
 """
@@ -123,8 +125,94 @@ def time_llamacpp(llm, prompt_len: int, new: int) -> float:
     return CLOCK[0]() - t0
 
 
+class LlamaCppBatch:
+    """llama.cpp decoding `batch` sequences together through its raw batch API (llama-cpp-python's
+    `Llama` class decodes one sequence): one context with n_seq_max=batch and a unified KV cache,
+    each step one `llama_decode` of one token per sequence, logits read per sequence."""
+
+    def __init__(self, llm, batch: int, n_ctx: int, threads: int) -> None:
+        import llama_cpp
+
+        self.lib, self.batch = llama_cpp, batch
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, n_ctx, n_ctx
+        params.n_seq_max, params.kv_unified = batch, True
+        params.n_threads, params.n_threads_batch = threads, threads
+        self.ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
+        if not self.ctx:
+            raise RuntimeError("llama.cpp: could not create a multi-sequence context")
+        self.n_vocab = llm.n_vocab()
+        self.llama_batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
+
+    def close(self) -> None:
+        self.lib.llama_batch_free(self.llama_batch)
+        self.lib.llama_free(self.ctx)
+
+    def _decode(self, entries: list[tuple[int, int, int, bool]]) -> list[int]:
+        """entries (token, position, sequence, wants logits) -> greedy next token of each logits entry."""
+        import numpy as np
+
+        b = self.llama_batch
+        b.n_tokens = len(entries)
+        for i, (tok, pos, seq, out) in enumerate(entries):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, out
+            b.seq_id[i][0] = seq
+        if self.lib.llama_decode(self.ctx, b) != 0:
+            raise RuntimeError("llama_decode failed")
+        return [int(np.argmax(np.ctypeslib.as_array(self.lib.llama_get_logits_ith(self.ctx, i), (self.n_vocab,))))
+                for i, e in enumerate(entries) if e[3]]
+
+    def run(self, prompt_len: int, new: int) -> float:
+        """All prompts in one llama_decode, then `new - 1` steps of one token per sequence."""
+        prompts = [[int(t) for t in torch.randint(10, 6000, (prompt_len,))] for _ in range(self.batch)]
+        t0 = CLOCK[0]()
+        self.lib.llama_memory_clear(self.lib.llama_get_memory(self.ctx), True)
+        nxt = self._decode([(t, i, s, i == prompt_len - 1) for s, p in enumerate(prompts) for i, t in enumerate(p)])
+        for step in range(new - 1):
+            nxt = self._decode([(t, prompt_len + step, s, True) for s, t in enumerate(nxt)])
+        return CLOCK[0]() - t0
+
+
+def llamacpp_batch_baseline(presets: list[str], batch: int, new: int, repeats: int) -> None:
+    """Batch `batch` decode: tinylm (fp32, int8) vs llama.cpp (f32, q8_0) on identical weights, alternating."""
+    from tinylm import fast_decode
+    from tinylm.config import preset_config
+    from tinylm.model import TinyLMForCausalLM
+    from tinylm.tokenizer import load_tokenizer
+
+    threads = torch.get_num_threads()
+    print(f"llama.cpp batch {batch}: {threads} thread(s) each, {clock_name()}, best of {repeats}", flush=True)
+    u = "tok/s" if CLOCK[0] is time.perf_counter else "tok/cpu-s"
+    for preset in presets:
+        torch.manual_seed(0)
+        tok = load_tokenizer()
+        ours = TinyLMForCausalLM(preset_config(preset, vocab_size=len(tok), eos_token_id=[2, 0])).eval()
+        with tempfile.TemporaryDirectory() as d:
+            llms = {t: load_llamacpp(ours, t, d, threads) for t in ("f32", "q8_0")}
+        if llms["f32"] is None:
+            print("llama-cpp-python not installed: no llama.cpp baseline (pip install llama-cpp-python)")
+            return
+        runners = {t: LlamaCppBatch(llm, batch, batch * (32 + new + 8), threads) for t, llm in llms.items()}
+
+        def ours_q(b: int, n: int, q: str, ours=ours, tok=tok) -> float:
+            fast_decode.set_quantization(ours, q)
+            return time_ours(ours, tok, b, 32, n)
+
+        o, o8, f, q8 = decode_rates([lambda b, n: ours_q(b, n, "none"), lambda b, n: ours_q(b, n, "int8"),
+                                     lambda b, n, r=runners: r["f32"].run(32, n), lambda b, n, r=runners: r["q8_0"].run(32, n)],
+                                    batch, new, repeats)
+        fast_decode.set_quantization(ours, None)
+        for r in runners.values():
+            r.close()
+        print(f"RESULT decode_b{batch}_{preset}_vs_llamacpp_f32 {o:.1f} {u} ratio={o / f:.2f} vs=llamacpp_f32 "
+              f"(llama.cpp f32 {f:.1f} {u}; tinylm fp32, {batch} sequences)", flush=True)
+        print(f"RESULT decode_b{batch}_{preset}_int8_vs_llamacpp_q8_0 {o8:.1f} {u} ratio={o8 / q8:.2f} vs=llamacpp_q8_0 "
+              f"(llama.cpp q8_0 {q8:.1f} {u}; tinylm int8, {batch} sequences)", flush=True)
+
+
 def llamacpp_baseline(presets: list[str], new: int, repeats: int) -> None:
-    """Batch-1 decode: tinylm fp32 vs llama.cpp f32 and q8_0 on identical weights, alternating."""
+    """Batch-1 decode: tinylm fp32 / int8 vs llama.cpp f32 / q8_0 on identical weights, alternating."""
+    from tinylm import fast_decode
     from tinylm.config import preset_config
     from tinylm.model import TinyLMForCausalLM
     from tinylm.tokenizer import load_tokenizer
@@ -140,14 +228,32 @@ def llamacpp_baseline(presets: list[str], new: int, repeats: int) -> None:
         if llms["f32"] is None:
             print("llama-cpp-python not installed: no llama.cpp baseline (pip install llama-cpp-python)")
             return
-        o, f, q = decode_rates([lambda b, n, m=ours, t=tok: time_ours(m, t, b, 32, n),
-                                lambda b, n, m=llms["f32"]: time_llamacpp(m, 32, n),
-                                lambda b, n, m=llms["q8_0"]: time_llamacpp(m, 32, n)], 1, new, repeats)
+
+        def ours_q(b: int, n: int, q: str, ours=ours, tok=tok) -> float:
+            fast_decode.set_quantization(ours, q)
+            return time_ours(ours, tok, b, 32, n)
+
+        def ours_reference(b: int, n: int, ours=ours, tok=tok) -> float:  # the model's forward, as before
+            old = os.environ.get("TINYLM_FAST_DECODE")
+            os.environ["TINYLM_FAST_DECODE"] = "0"
+            try:
+                return time_ours(ours, tok, b, 32, n)
+            finally:
+                os.environ.pop("TINYLM_FAST_DECODE") if old is None else os.environ.update(TINYLM_FAST_DECODE=old)
+
+        o, o8, f, q, r = decode_rates([lambda b, n: ours_q(b, n, "none"), lambda b, n: ours_q(b, n, "int8"),
+                                       lambda b, n, m=llms["f32"]: time_llamacpp(m, 32, n),
+                                       lambda b, n, m=llms["q8_0"]: time_llamacpp(m, 32, n), ours_reference],
+                                      1, new, repeats)
+        fast_decode.set_quantization(ours, None)
         u = "tok/s" if CLOCK[0] is time.perf_counter else "tok/cpu-s"
+        path = "fast decode step" if fast_decode.enabled() else "reference forward (TINYLM_FAST_DECODE=0)"
         print(f"RESULT decode_b1_{preset}_vs_llamacpp_f32 {o:.1f} {u} ratio={o / f:.2f} vs=llamacpp_f32 "
-              f"(llama.cpp f32 {f:.1f} {u}; tinylm fp32)", flush=True)
-        print(f"RESULT decode_b1_{preset}_vs_llamacpp_q8_0 {o:.1f} {u} ratio={o / q:.2f} vs=llamacpp_q8_0 "
-              f"(llama.cpp q8_0 {q:.1f} {u}; tinylm fp32: tinylm has no 8-bit decode path)", flush=True)
+              f"(llama.cpp f32 {f:.1f} {u}; tinylm fp32, {path})", flush=True)
+        print(f"RESULT decode_b1_{preset}_int8_vs_llamacpp_q8_0 {o8:.1f} {u} ratio={o8 / q:.2f} vs=llamacpp_q8_0 "
+              f"(llama.cpp q8_0 {q:.1f} {u}; tinylm weight-only int8, {path})", flush=True)
+        print(f"RESULT decode_b1_{preset}_vs_reference_forward {o:.1f} {u} ratio={o / r:.2f} vs=reference_forward "
+              f"(tinylm fp32 through the model's forward, TINYLM_FAST_DECODE=0: {r:.1f} {u})", flush=True)
 
 
 def prefill_rate(ours, hf, prompt_len: int, repeats: int) -> tuple[float, float]:
@@ -234,6 +340,7 @@ def main() -> None:
     if not args.no_llamacpp:
         print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, llama.cpp baseline")
         llamacpp_baseline(args.llamacpp_presets.split(","), new, repeats)
+        llamacpp_batch_baseline(args.llamacpp_presets.split(","), 16, new, repeats)
         if args.llamacpp_only:
             return
     dtypes = [("fp32", torch.float32)] + ([("bf16", torch.bfloat16)] if args.bf16 or args.bf16_only else [])

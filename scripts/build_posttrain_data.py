@@ -12,6 +12,8 @@ Outputs:
   grpo_eval.jsonl     held-out {"prompt", "answer"}: no (operation, numbers) triple of it appears above
   dpo.jsonl           {"prompt", "chosen", "rejected"}: correct vs wrong arithmetic, and bundled chat
                       answers vs an off-topic answer (another question's) or a truncated one
+  reward.jsonl        the same kinds of pairs, with every short bundled chat turn (~3.3k): the reward
+                      model needs more pairs than DPO to learn "is this answer about this question"
 """
 
 from __future__ import annotations
@@ -134,14 +136,20 @@ def main() -> None:
     else:
         print(f"note: {args.sft} not found (run scripts/build_data.py); dpo.jsonl has arithmetic pairs only")
         chat = []
-    dpo = dpo[:300] + chat
+    arithmetic = dpo[:300]
+    dpo = arithmetic + chat
     rng.shuffle(dpo)
+    # Own generator: adding this file leaves the other files byte-identical.
+    rng_reward = random.Random(SEED + 1)
+    reward = arithmetic + (chat_pairs(args.sft, 10**6, rng_reward) if chat else [])
+    rng_reward.shuffle(reward)
     write_jsonl(os.path.join(args.out, "reason.jsonl"), reason)
     write_jsonl(os.path.join(args.out, "grpo_prompts.jsonl"), grpo)
     write_jsonl(os.path.join(args.out, "grpo_eval.jsonl"), evals)
     write_jsonl(os.path.join(args.out, "dpo.jsonl"), dpo)
+    write_jsonl(os.path.join(args.out, "reward.jsonl"), reward)
     print(f"reason {len(reason)}, grpo_prompts {len(grpo)}, grpo_eval {len(evals)}, "
-          f"dpo {len(dpo)} ({len(chat)} from chat)")
+          f"dpo {len(dpo)} ({len(chat)} from chat), reward {len(reward)}")
 
 
 if __name__ == "__main__":

@@ -165,10 +165,16 @@ def _encode(tokenizer, messages: list[dict], first: int, max_len: int | None,
 
 
 def encode_chat(tokenizer, messages: list[dict], max_len: int | None = None,
-                allow: frozenset[str] = frozenset()) -> tuple[list[int], list[int]]:
+                allow: frozenset[str] = frozenset(), tools: list | None = None,
+                enable_thinking: bool | None = None) -> tuple[list[int], list[int]]:
     """Token ids of a whole conversation and a 0/1 loss mask (1 = assistant answer tokens and
     their end-of-turn token, every assistant turn). Truncated on the right to max_len.
-    Special-token strings inside messages stay plain text unless listed in `allow`."""
+    Special-token strings inside messages stay plain text unless listed in `allow`.
+    Tools, tool calls/results and the thinking switch: tool_format.py."""
+    from tinylm import tool_format
+
+    if tool_format.needs_tool_path(messages, tools, enable_thinking):
+        return tool_format.encode(tokenizer, messages, tools, enable_thinking, 0, max_len, allow)
     return _encode(tokenizer, messages, 0, max_len, allow)
 
 
@@ -179,8 +185,13 @@ def encode_preference(tokenizer, prompt_msgs: list[dict], response_msgs: list[di
     return _encode(tokenizer, list(prompt_msgs) + list(response_msgs), len(prompt_msgs), max_len, allow)
 
 
-def render_prompt(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+def render_prompt(tokenizer, messages: list[dict], add_generation_prompt: bool = True,
+                  tools: list | None = None, enable_thinking: bool | None = None) -> list[int]:
     """Token ids the model sees at inference, ending with the assistant header when
     add_generation_prompt (same tokenization as training). Message text never becomes a control token."""
+    from tinylm import tool_format
+
+    if tool_format.needs_tool_path(messages, tools, enable_thinking):
+        return tool_format.render_ids(tokenizer, messages, tools, enable_thinking, add_generation_prompt)
     text, _, literals = _render_with_literals(tokenizer, messages, add_generation_prompt, frozenset())
     return encode_marked(tokenizer, text, literals)[0]

@@ -30,6 +30,14 @@ class TinyLMConfig(PretrainedConfig):
         DeepSeek-V3 or "softmax" as in DeepSeek-V2), norm_topk_prob, routed_scaling_factor,
         router_aux_loss_coef (sequence-level balance loss; 0 disables it), moe_bias_update_rate
         (aux-loss-free balancing: per-expert selection bias nudged toward uniform load; 0 disables).
+
+    Attention (`attention`: "gqa" (default) or "mla", multi-head latent attention, DeepSeek-V2/V3; see
+    mla.py): kv_lora_rank (cached latent width r), q_lora_rank (0 = no query compression),
+    qk_nope_head_dim, qk_rope_head_dim (decoupled RoPE dims, shared key), v_head_dim. MLA ignores
+    num_key_value_heads, head_dim and qk_norm (it normalises its latents instead).
+
+    Multi-token prediction (DeepSeek-V3 §2.2; see mtp.py): mtp_depth (D sequential modules, 0 = off),
+    mtp_weight (lambda: loss = main CE + lambda * mean over depths of the depth-k CE).
     """
 
     model_type = "tinylm"
@@ -64,6 +72,14 @@ class TinyLMConfig(PretrainedConfig):
         routed_scaling_factor: float = 1.0,
         router_aux_loss_coef: float = 0.001,
         moe_bias_update_rate: float = 0.001,
+        attention: str = "gqa",
+        kv_lora_rank: int = 128,
+        q_lora_rank: int = 0,
+        qk_nope_head_dim: int = 64,
+        qk_rope_head_dim: int = 32,
+        v_head_dim: int = 64,
+        mtp_depth: int = 0,
+        mtp_weight: float = 0.3,
         bos_token_id: int | None = None,
         eos_token_id: int | list[int] | None = 0,
         pad_token_id: int | None = 0,
@@ -97,6 +113,14 @@ class TinyLMConfig(PretrainedConfig):
         self.routed_scaling_factor = routed_scaling_factor
         self.router_aux_loss_coef = router_aux_loss_coef
         self.moe_bias_update_rate = moe_bias_update_rate
+        self.attention = attention
+        self.kv_lora_rank = kv_lora_rank
+        self.q_lora_rank = q_lora_rank
+        self.qk_nope_head_dim = qk_nope_head_dim
+        self.qk_rope_head_dim = qk_rope_head_dim
+        self.v_head_dim = v_head_dim
+        self.mtp_depth = mtp_depth
+        self.mtp_weight = mtp_weight
         self.use_cache = use_cache
         super().__init__(
             bos_token_id=bos_token_id,
@@ -133,6 +157,16 @@ class TinyLMConfig(PretrainedConfig):
         need(self.head_dim % 2 == 0, f"head_dim={self.head_dim} must be even for RoPE")
         need(self.rope_theta > 0, f"rope_theta must be > 0, got {self.rope_theta}")
         need(self.yarn_factor >= 1.0, f"yarn_factor must be >= 1, got {self.yarn_factor}")
+        need(self.attention in ("gqa", "mla"), f"attention {self.attention!r} not in gqa|mla")
+        if self.attention == "mla":
+            for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+                v = getattr(self, name)
+                need(isinstance(v, int) and not isinstance(v, bool) and v > 0, f"{name} must be a positive integer, got {v!r}")
+            need(isinstance(self.q_lora_rank, int) and self.q_lora_rank >= 0,
+                 f"q_lora_rank must be an integer >= 0 (0 = no query compression), got {self.q_lora_rank!r}")
+            need(self.qk_rope_head_dim % 2 == 0, f"qk_rope_head_dim={self.qk_rope_head_dim} must be even for RoPE")
+        need(isinstance(self.mtp_depth, int) and self.mtp_depth >= 0, f"mtp_depth must be an integer >= 0, got {self.mtp_depth!r}")
+        need(self.mtp_weight >= 0, f"mtp_weight must be >= 0, got {self.mtp_weight}")
         if self.num_experts:
             need(self.num_experts > 0, "num_experts must be >= 0")
             need(1 <= self.num_experts_per_tok <= self.num_experts,
@@ -180,6 +214,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                       num_key_value_heads=4, max_position_embeddings=2048, num_experts=8,
                       num_experts_per_tok=2, num_shared_experts=1, moe_intermediate_size=640,
                       first_k_dense_replace=1),
+    # Multi-head latent attention (mla.py): the cache holds kv_lora_rank + qk_rope_head_dim numbers per
+    # token and layer (tiny-mla 80 vs tiny 256; small-mla 160 vs small 512).
+    "tiny-mla": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                     num_key_value_heads=4, max_position_embeddings=1024, attention="mla", kv_lora_rank=64,
+                     q_lora_rank=0, qk_nope_head_dim=48, qk_rope_head_dim=16, v_head_dim=64, qk_norm=False),
+    "small-mla": dict(hidden_size=512, intermediate_size=1664, num_hidden_layers=8, num_attention_heads=8,
+                      num_key_value_heads=8, max_position_embeddings=2048, attention="mla", kv_lora_rank=128,
+                      q_lora_rank=0, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, qk_norm=False),
 }
 
 
@@ -195,6 +237,11 @@ def count_parameters(config: TinyLMConfig) -> tuple[int, int]:
     h, v, L = config.hidden_size, config.vocab_size, config.num_hidden_layers
     hd, nh, nkv = config.head_dim, config.num_attention_heads, config.num_key_value_heads
     attn = h * hd * nh * 2 + h * hd * nkv * 2 + (2 * hd if config.qk_norm else 0)
+    if config.attention == "mla":
+        dqk, r, qr = config.qk_nope_head_dim + config.qk_rope_head_dim, config.kv_lora_rank, config.q_lora_rank
+        q = (h * qr + qr + qr * nh * dqk) if qr else h * nh * dqk
+        attn = q + h * (r + config.qk_rope_head_dim) + r + r * nh * (config.qk_nope_head_dim + config.v_head_dim) \
+            + nh * config.v_head_dim * h
     norms = 2 * h
     dense_mlp = 3 * h * config.intermediate_size
     expert = 3 * h * config.moe_intermediate_size

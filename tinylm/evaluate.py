@@ -491,6 +491,10 @@ def run_eval(models: list[str], task: str, data: str | None = None, shots: int =
         if task == "reward":  # a reward model dir (stage reward): pairwise accuracy on preference pairs
             results[name] = evaluate_reward(spec, data, limit, batch_size, max_length, device)
             continue
+        if task == "gen" and Path(spec, "vlm_config.json").is_file():  # image rows (tinylm/vlm_eval.py)
+            from tinylm.vlm_eval import evaluate_vqa
+            results[name] = evaluate_vqa(spec, data, limit, min(max_new_tokens, 32), batch_size)
+            continue
         model, tok = load_for_eval(spec, adapter, device, dtype)
         if task == "ppl":
             r = evaluate_ppl(model, tok, data, limit, max_length, stride, batch_size)

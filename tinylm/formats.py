@@ -76,6 +76,8 @@ class Record:
     prompt: list[dict] | None = None    # preference: shared context messages
     chosen: list[dict] | None = None    # preference: preferred response messages
     rejected: list[dict] | None = None  # preference: dispreferred response messages
+    tools: list[dict] | None = None     # chat: OpenAI function definitions offered to the model (tool_format.py)
+    enable_thinking: bool | None = None  # chat: the thinking switch for this row (None = template default)
 
 
 @dataclass
@@ -266,6 +268,7 @@ def parse_record(raw: object, path: str, line: int) -> Record:
     elif fmt in ("messages", "conversations"):
         rec.messages = _messages(raw[fmt], fmt, err)
         _need_assistant(rec.messages, fmt, err)
+        rec.tools, rec.enable_thinking = _tool_fields(raw, rec.messages, fmt, err)
     elif fmt == "alpaca":
         instr = _nonempty_str(raw, "instruction", err)
         inp = raw.get("input") or ""
@@ -379,11 +382,65 @@ def _message(m: object, name: str, err: _Err, sharegpt: bool) -> dict:
     elif reasoning:
         raise err(f"{name}.reasoning_content", f"only assistant messages may have reasoning, not {role!r}")
     if m.get("tool_calls"):
-        out["tool_calls"] = m["tool_calls"]
+        if role != "assistant":
+            raise err(f"{name}.tool_calls", f"only assistant messages may call tools, not {role!r}")
+        out["tool_calls"] = _tool_calls(m["tool_calls"], f"{name}.tool_calls", err)
+    if sharegpt and isinstance(m.get("tools"), (str, list)):  # MiniMind: tools on the system message
+        out["tools"] = m["tools"]
     if not out["content"].strip() and not out.get("reasoning_content") and not out.get("tool_calls") \
             and role != "system":
         raise err(f"{name}.content", "is empty")
     return out
+
+
+def _json_field(v: object, name: str, err: _Err) -> object:
+    """A field given as JSON text (MiniMind, OpenAI `arguments`) or already parsed."""
+    if isinstance(v, str):
+        try:
+            return json.loads(v) if v.strip() else {}
+        except json.JSONDecodeError as e:
+            raise err(name, f"is not valid JSON: {e.msg} (column {e.colno})") from None
+    return v
+
+
+def _tool_calls(v: object, name: str, err: _Err) -> list[dict]:
+    """OpenAI `tool_calls` ({type, id?, function: {name, arguments}}, or {name, arguments}) -> canonical
+    [{"type": "function", "function": {"name", "arguments": object}}] (tool_format.canonical_calls)."""
+    v = _json_field(v, name, err)
+    if not isinstance(v, list) or not v:
+        raise err(name, f"must be a non-empty list of calls, got {_tname(v)}")
+    out = []
+    for j, c in enumerate(v):
+        fn = c.get("function", c) if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise err(f"{name}[{j}]", "needs a function name ({'function': {'name': ..., 'arguments': {...}}})")
+        args = _json_field(fn.get("arguments", {}), f"{name}[{j}].function.arguments", err)
+        if not isinstance(args, dict):
+            raise err(f"{name}[{j}].function.arguments", f"must be a JSON object, got {_tname(args)}")
+        out.append({"type": "function", "function": {"name": fn["name"], "arguments": args}})
+    return out
+
+
+def _tool_fields(raw: dict, msgs: list[dict], fmt: str, err: _Err) -> tuple[list[dict] | None, bool | None]:
+    """(tools, enable_thinking) of a chat row: `tools` beside the messages (OpenAI / TRL) or on the
+    system message (MiniMind), as a list or JSON text."""
+    tools, where = raw.get("tools"), "tools"
+    for i, m in enumerate(msgs):
+        if "tools" in m:
+            tools, where = m.pop("tools"), f"{fmt}[{i}].tools"
+    if tools is not None:
+        tools = _json_field(tools, where, err)
+        if not isinstance(tools, list):
+            raise err(where, f"must be a list of function definitions, got {_tname(tools)}")
+        for j, t in enumerate(tools):
+            fn = t.get("function", t) if isinstance(t, dict) else None
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                raise err(f"{where}[{j}]", "must be {'type': 'function', 'function': {'name': ..., 'parameters': ...}}")
+        tools = [t if "function" in t else {"type": "function", "function": t} for t in tools] or None
+    think = raw.get("enable_thinking", (raw.get("chat_template_kwargs") or {}).get("enable_thinking"))
+    if think is not None and not isinstance(think, bool):
+        raise err("enable_thinking", f"must be true or false, got {_tname(think)}")
+    return tools, think
 
 
 def _assistant(text: str, name: str, err: _Err) -> dict:

@@ -362,10 +362,17 @@ class StaticRunner:
         self.cache = StaticKVCache(model.config, max_batch, max_seq_len, device=param.device, dtype=param.dtype)
         # Bound on prompt tokens x vocabulary per prefill forward (full logits are materialised).
         self.prefill_budget = 1 << 24
+        from tinylm import fast_decode
+
+        # Decode steps through tinylm.fast_decode (lean CPU step, optional int8); TINYLM_FAST_DECODE=0: the forward.
+        self.fast = fast_decode.FastDecoder(model) if fast_decode.enabled() and fast_decode.supports(model) is None \
+            else None
 
     def prefill(self, rows: list[int], prompts: list[list[int]]) -> torch.Tensor:
         """Write prompts into fresh rows; return last-position logits (b, V)."""
         self.cache.reset(rows)
+        if self.fast is not None:
+            self.fast.refresh()  # weights changed since the last request (training rollouts)?
         vocab = self.model.config.vocab_size
         out, start = [], 0
         while start < len(rows):  # group prompts so that b * T * V stays under budget
@@ -393,6 +400,8 @@ class StaticRunner:
         """Feed one token per row; return logits (b, V)."""
         ids = torch.tensor(tokens, device=self.device)[:, None]
         rows_t = torch.tensor(rows, device=self.device)
+        if self.fast is not None:
+            return self.fast(self.cache, ids[:, 0], rows_t)
         return self.model(ids, cache=self.cache, cache_rows=rows_t, logits_to_keep=1).logits[:, -1]
 
     def free(self, row: int) -> None:
@@ -446,8 +455,8 @@ def stop_token_ids(model, tokenizer) -> set[int]:
 
 
 def hidden_token_ids(tokenizer) -> set[int]:
-    """Special tokens that never appear in streamed text (the <think> tags do: they are parsed)."""
-    keep = {tokenizer.convert_tokens_to_ids(t) for t in (THINK_OPEN, THINK_CLOSE)}
+    """Special tokens that never appear in streamed text (the <think> and <tool_call> tags do: they are parsed)."""
+    keep = {tokenizer.convert_tokens_to_ids(t) for t in (THINK_OPEN, THINK_CLOSE, "<tool_call>", "</tool_call>")}
     return set(tokenizer.all_special_ids) - keep
 
 

@@ -57,6 +57,9 @@ def gguf_arch(config, expert_bias_zero: bool = True) -> str:
     problems = []
     if config.hidden_act != "silu":
         problems.append(f"hidden_act={config.hidden_act!r} (only silu/SwiGLU is exported)")
+    if getattr(config, "attention", "gqa") == "mla":
+        problems.append("MLA attention is not exported to GGUF by tinylm (export with --format hf, which "
+                        "writes DeepseekV3ForCausalLM, and convert that with llama.cpp's convert_hf_to_gguf.py)")
     if not config.is_moe:
         arch = "qwen3" if config.qk_norm else "llama"
     elif config.moe_scoring == "sigmoid":
@@ -138,6 +141,8 @@ def gguf_tensors(state: dict[str, torch.Tensor], config, arch: str) -> Iterator[
                 yield _name("OUTPUT"), a
         elif name.startswith("model.layers."):
             yield from _layer_tensor(name, a, config, arch)
+        elif name.startswith("mtp."):
+            continue  # multi-token prediction modules: training only (tinylm/mtp.py)
         else:
             raise ValueError(f"weight {name!r} has no GGUF equivalent")
 

@@ -16,6 +16,11 @@ Token losses are aggregated like TRL's `loss_type`:
     "bnpo": mean over all completion tokens of the micro-batch
     "dapo": sum over all tokens / all completion tokens of the optimizer step (DAPO, Yu et al. 2025)
 Default here is "dapo", as in TRL >= 0.20: long completions are not under-weighted.
+"cispo" (MiniMax-M1, 2025) replaces the clipped surrogate by REINFORCE weighted with a clipped,
+stop-gradient importance weight, so no token's gradient is ever dropped by the clip:
+    l_t = -sg(min(ratio, 1 + eps_high)) * A * logp      (token mean over the step, as "dapo")
+(the paper sets no lower bound; TRL's `epsilon_high` is the bound itself, ours is 1 + epsilon_high).
+With `grpo.tools` the rollouts are multi-turn and call tools (agent_rl.py).
 Under tinylm's trainer (loss_sum / n_items summed over micro-batches) "dapo" is exactly the
 step-level token mean; "bnpo" and "dapo" coincide with one micro-batch per step.
 
@@ -27,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-LOSS_TYPES = ("grpo", "bnpo", "dapo")
+LOSS_TYPES = ("grpo", "bnpo", "dapo", "cispo")
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str = "group") -> torch.Tensor:
@@ -75,6 +80,9 @@ def grpo_loss(
     ratio = torch.exp(logps - old_logps)                            # (B, T)
     clipped = torch.clamp(ratio, 1 - epsilon, 1 + eps_high)
     per_token = -torch.min(ratio * adv, clipped * adv)              # (B, T)
+    if loss_type == "cispo":
+        weight = torch.clamp(ratio, max=1 + eps_high).detach()     # (B, T) sg(clipped IS weight)
+        per_token = -weight * adv * logps
     metrics: dict[str, float] = {}
     if beta != 0.0:
         if ref_logps is None:
@@ -89,7 +97,7 @@ def grpo_loss(
     if loss_type == "grpo":
         per_seq = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # (B,)
         return per_seq.sum(), logps.size(0), metrics
-    if loss_type in ("bnpo", "dapo"):
+    if loss_type in ("bnpo", "dapo", "cispo"):
         return (per_token * mask).sum(), int(mask.sum().item()), metrics
     raise ValueError(f"unknown GRPO loss_type {loss_type!r}; choose one of {LOSS_TYPES}")
 
@@ -314,7 +322,8 @@ def reward_weights(weights: list[float] | None, reward_fns: list) -> torch.Tenso
 @torch.no_grad()
 def evaluate_rewards(model, tokenizer, rows: list[dict], reward_fns: list, samples: int = 4,
                      max_new_tokens: int = 64, temperature: float = 1.0, batch_prompts: int = 16,
-                     seed: int = 0, weights: list[float] | None = None) -> dict[str, float]:
+                     seed: int = 0, weights: list[float] | None = None, tools: list[str] | None = None,
+                     max_turns: int = 1) -> dict[str, float]:
     """Mean reward on (held-out) prompts: `samples` sampled completions each (temperature 0 = greedy).
 
     `reward` is the weighted sum over the functions (as in training); `rewards/<fn>` each unweighted mean.
@@ -324,7 +333,12 @@ def evaluate_rewards(model, tokenizer, rows: list[dict], reward_fns: list, sampl
     all_r = []
     for i in range(0, len(rows), batch_prompts):
         chunk = rows[i:i + batch_prompts]
-        _, _, texts = rollout(model, tokenizer, chunk, samples, max_new_tokens, temperature, g)
+        if tools:  # multi-turn tool rollouts (agent_rl.py)
+            from tinylm.agent_rl import tool_rollout
+
+            texts = tool_rollout(model, tokenizer, chunk, samples, max_new_tokens, temperature, tools, max_turns, g)[2]
+        else:
+            _, _, texts = rollout(model, tokenizer, chunk, samples, max_new_tokens, temperature, g)
         all_r.append(score(chunk, texts, reward_fns, samples))
     r = torch.cat(all_r)  # (N*S, F)
     out = {"reward": (r * w).sum(1).mean().item()}
@@ -385,14 +399,24 @@ class GRPOObjective:
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, int, dict[str, float]]:
         g = self.cfg.grpo
         rows = batch["rows"]
-        prompt_ids, comps, texts = rollout(self.policy, self.tokenizer, rows, g.group_size, g.max_new_tokens,
-                                           g.temperature, self.sample_gen)
+        keep = None
+        if g.tools:  # agentic RL: multi-turn rollouts that run tools; tool-result tokens leave the loss
+            from tinylm.agent_rl import tool_rollout
+
+            prompt_ids, comps, texts, keep = tool_rollout(self.policy, self.tokenizer, rows, g.group_size,
+                                                          g.max_new_tokens, g.temperature, g.tools, g.max_turns,
+                                                          self.sample_gen)
+        else:
+            prompt_ids, comps, texts = rollout(self.policy, self.tokenizer, rows, g.group_size, g.max_new_tokens,
+                                               g.temperature, self.sample_gen)
         batch["sampled_tokens"] = sum(len(p) + len(c) for p, c in zip(prompt_ids, comps))  # for tokens/s
         r = score(rows, texts, self.reward_fns, g.group_size)          # (N*G, F)
         rewards = (r * self.weights).sum(1)                              # (N*G,) weighted sum
         adv = group_advantages(rewards, g.group_size, g.scale_rewards).to(self.device)
         policy = lambda ids, attn: model(input_ids=ids, attention_mask=attn, use_cache=False).logits  # noqa: E731
         logps, mask = completion_logps(policy, prompt_ids, comps, self.device)
+        if keep is not None:
+            mask = mask * keep.to(mask.device)                           # (B, C)
         ref_logps = completion_logps(self.ref, prompt_ids, comps, self.device)[0] if self.ref else None
         loss_sum, n, metrics = grpo_loss(logps, logps.detach(), adv, mask, ref_logps, g.beta, g.epsilon,
                                          g.epsilon_high or None, g.loss_type)
@@ -417,7 +441,8 @@ class GRPOObjective:
             return {}
         g = self.cfg.grpo
         res = evaluate_rewards(self.policy, self.tokenizer, self.eval_rows, self.reward_fns, g.eval_samples,
-                               g.max_new_tokens, g.temperature, seed=self.cfg.seed, weights=g.reward_weights)
+                               g.max_new_tokens, g.temperature, seed=self.cfg.seed, weights=g.reward_weights,
+                               tools=g.tools or None, max_turns=g.max_turns)
         return {f"val_{k}": v for k, v in res.items()}
 
 

@@ -14,6 +14,11 @@ when none is. Every mapping here is checked logit-for-logit in tests/test_intero
     MoE sigmoid router, no QK-norm             ->  Glm4MoeForCausalLM   (partial_rotary_factor=1)
     MoE softmax router, QK-norm, no shared     ->  Qwen3MoeForCausalLM
     MoE softmax router, no QK-norm             ->  Qwen2MoeForCausalLM  (shared-expert gate fixed to 1)
+    MLA attention, dense or sigmoid MoE        ->  DeepseekV3ForCausalLM (rope_interleave=False; dense
+                                                   models use first_k_dense_replace=num_layers)
+
+MTP modules (mtp_depth > 0) are training-time only and are not exported (transformers' DeepseekV3
+drops them too); import from DeepseekV3 accepts rope_interleave=True by permuting the RoPE rows.
 
 YaRN (`yarn_factor > 1`) maps to `rope_parameters={"rope_type": "yarn", ...}` in every target.
 MoE experts are written one tensor per expert (`mlp.experts.{e}.gate_proj.weight`, the layout of
@@ -34,9 +39,10 @@ import torch
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
-ARCHES = ("llama", "qwen3", "dots1", "glm4_moe", "qwen3_moe", "qwen2_moe")
+ARCHES = ("llama", "qwen3", "dots1", "glm4_moe", "qwen3_moe", "qwen2_moe", "deepseek_v3")
 HF_CLASS = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "dots1": "Dots1ForCausalLM",
-            "glm4_moe": "Glm4MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
+            "glm4_moe": "Glm4MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+            "deepseek_v3": "DeepseekV3ForCausalLM"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,7 +108,9 @@ def _context_length(config) -> int:
 # ---------------------------------------------------------------------------------------------
 def choose_arch(config, arch: str = "auto", expert_bias_zero: bool = True) -> str:
     """Pick the transformers architecture whose forward equals ours; ValueError says why not."""
-    if config.is_moe:
+    if config.attention == "mla":
+        candidates = ["deepseek_v3"]
+    elif config.is_moe:
         if config.moe_scoring == "sigmoid":
             candidates = ["dots1", "glm4_moe"] if config.qk_norm else ["glm4_moe"]
         else:
@@ -128,6 +136,10 @@ def choose_arch(config, arch: str = "auto", expert_bias_zero: bool = True) -> st
                             f"{config.num_shared_experts}); use moe_scoring='sigmoid' for a Dots1 export")
     if config.is_moe and arch in ("dots1", "glm4_moe") and config.num_experts_per_tok > config.num_experts:
         problems.append("num_experts_per_tok > num_experts")
+    if arch == "deepseek_v3" and config.is_moe and config.moe_scoring != "sigmoid":
+        problems.append("deepseek_v3 routes with sigmoid scores (model has moe_scoring='softmax')")
+    if arch not in candidates and config.attention == "mla":
+        problems.append("MLA attention only maps to deepseek_v3")
     if config.hidden_act != "silu":
         problems.append(f"hidden_act={config.hidden_act!r} (only silu/SwiGLU is exported)")
     if problems:
@@ -152,6 +164,8 @@ def hf_config_for(config, arch: str, dtype: torch.dtype = torch.float32):
     full = ["full_attention"] * c.num_hidden_layers
     moe = dict(moe_intermediate_size=c.moe_intermediate_size, num_experts_per_tok=c.num_experts_per_tok,
                norm_topk_prob=c.norm_topk_prob)
+    if arch == "deepseek_v3":
+        return _deepseek_v3_config(c, common, moe, dtype)
     if arch == "llama":
         hf = transformers.LlamaConfig(**common, mlp_bias=False)
     elif arch == "qwen3":
@@ -180,6 +194,27 @@ def hf_config_for(config, arch: str, dtype: torch.dtype = torch.float32):
     return hf
 
 
+def _deepseek_v3_config(c, common: dict[str, Any], moe: dict[str, Any], dtype: torch.dtype):
+    """DeepseekV3Config for an MLA model; dense models: every layer dense (first_k_dense_replace=L)."""
+    import transformers
+
+    common = {k: v for k, v in common.items() if k not in ("head_dim", "num_key_value_heads")}
+    mla = dict(kv_lora_rank=c.kv_lora_rank, q_lora_rank=c.q_lora_rank or None, qk_nope_head_dim=c.qk_nope_head_dim,
+               qk_rope_head_dim=c.qk_rope_head_dim, v_head_dim=c.v_head_dim, rope_interleave=False,
+               num_key_value_heads=c.num_attention_heads)
+    if c.is_moe:
+        extra = dict(n_routed_experts=c.num_experts, n_shared_experts=c.num_shared_experts, n_group=1, topk_group=1,
+                     routed_scaling_factor=c.routed_scaling_factor, first_k_dense_replace=c.first_k_dense_replace)
+    else:
+        extra = dict(n_routed_experts=1, n_shared_experts=1, n_group=1, topk_group=1, num_experts_per_tok=1,
+                     first_k_dense_replace=c.num_hidden_layers)
+        moe = {**moe, "num_experts_per_tok": 1}
+    hf = transformers.DeepseekV3Config(**common, **{**moe, **extra}, **mla)
+    hf.architectures = [HF_CLASS["deepseek_v3"]]
+    hf.dtype = str(dtype).replace("torch.", "")
+    return hf
+
+
 def convert_state_dict(state: dict[str, torch.Tensor], config, arch: str) -> dict[str, torch.Tensor]:
     """Rename tinylm weights to `arch` names. Shapes: gate_up_proj (E, 2I, H) -> per-expert (I, H)."""
     out: dict[str, torch.Tensor] = {}
@@ -187,6 +222,8 @@ def convert_state_dict(state: dict[str, torch.Tensor], config, arch: str) -> dic
     for name, t in state.items():
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue  # tied: transformers re-ties it from embed_tokens
+        if name.startswith("mtp."):
+            continue  # multi-token prediction modules: training only (docs/model.md)
         if name.endswith("mlp.experts.gate_up_proj"):
             prefix = name[: -len("gate_up_proj")]
             for e in range(t.shape[0]):
@@ -197,7 +234,7 @@ def convert_state_dict(state: dict[str, torch.Tensor], config, arch: str) -> dic
             for e in range(t.shape[0]):
                 out[f"{prefix}{e}.down_proj.weight"] = t[e]
         elif name.endswith("mlp.gate.expert_bias"):
-            if arch in ("dots1", "glm4_moe"):
+            if arch in ("dots1", "glm4_moe", "deepseek_v3"):
                 out[name.replace("expert_bias", "e_score_correction_bias")] = t.float()
             # qwen*_moe: checked to be zero by choose_arch, nothing to write
         elif arch == "qwen2_moe" and ".mlp.shared_experts." in name:
@@ -212,7 +249,7 @@ def convert_state_dict(state: dict[str, torch.Tensor], config, arch: str) -> dic
         ref = out[f"model.layers.{li}.mlp.gate.weight"]
         if arch == "qwen2_moe":
             out[f"model.layers.{li}.mlp.shared_expert_gate.weight"] = torch.zeros(1, config.hidden_size, dtype=ref.dtype)
-        if arch in ("dots1", "glm4_moe", "qwen2_moe") and not config.num_shared_experts:
+        if arch in ("dots1", "glm4_moe", "qwen2_moe", "deepseek_v3") and not config.num_shared_experts:
             # These classes always build a shared expert; ours has none: write it with width 0.
             shared = "shared_expert" if arch == "qwen2_moe" else "shared_experts"
             for p, shape in (("gate_proj", (0, config.hidden_size)), ("up_proj", (0, config.hidden_size)),
@@ -316,7 +353,7 @@ def _export_merged_hf(src: Path, out: Path, lora: str, dtype: str | None, raw: d
 # ---------------------------------------------------------------------------------------------
 # import: transformers Llama / Qwen3 / MoE directory -> tinylm
 # ---------------------------------------------------------------------------------------------
-IMPORTABLE = ("llama", "mistral", "qwen3", "dots1", "glm4_moe", "qwen3_moe")
+IMPORTABLE = ("llama", "mistral", "qwen3", "dots1", "glm4_moe", "qwen3_moe", "deepseek_v3")
 
 
 def tinylm_config_from_hf(hf, where: str = "config.json"):
@@ -351,7 +388,14 @@ def tinylm_config_from_hf(hf, where: str = "config.json"):
     if rp.get("partial_rotary_factor", 1.0) != 1.0:
         problems.append(f"partial_rotary_factor={rp['partial_rotary_factor']}")
     moe: dict[str, Any] = {}
-    if mt in ("dots1", "glm4_moe"):
+    mla: dict[str, Any] = {}
+    if mt == "deepseek_v3":
+        mla = dict(attention="mla", kv_lora_rank=hf.kv_lora_rank, q_lora_rank=hf.q_lora_rank or 0,
+                   qk_nope_head_dim=hf.qk_nope_head_dim, qk_rope_head_dim=hf.qk_rope_head_dim,
+                   v_head_dim=hf.v_head_dim, head_dim=hf.hidden_size // hf.num_attention_heads)
+        if rp.get("mscale_all_dim") or rp.get("mscale"):
+            problems.append("YaRN mscale / mscale_all_dim (tinylm scales cos/sin only)")
+    if mt in ("dots1", "glm4_moe") or (mt == "deepseek_v3" and hf.first_k_dense_replace < hf.num_hidden_layers):
         if (hf.n_group or 1) != 1 or (hf.topk_group or 1) != 1:
             problems.append(f"group-limited routing n_group={hf.n_group}, topk_group={hf.topk_group}")
         moe = dict(num_experts=hf.n_routed_experts, num_shared_experts=hf.n_shared_experts or 0, moe_scoring="sigmoid",
@@ -370,13 +414,34 @@ def tinylm_config_from_hf(hf, where: str = "config.json"):
     if problems:
         raise ValueError(f"{where}: cannot import {mt} into tinylm: " + "; ".join(problems))
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    if mla:
+        qk_norm, head_dim = False, mla.pop("head_dim")
     return TinyLMConfig(
         vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, intermediate_size=hf.intermediate_size,
         num_hidden_layers=hf.num_hidden_layers, num_attention_heads=hf.num_attention_heads,
         num_key_value_heads=hf.num_key_value_heads or hf.num_attention_heads, head_dim=head_dim,
         max_position_embeddings=hf.max_position_embeddings, rms_norm_eps=hf.rms_norm_eps, rope_theta=float(theta),
         qk_norm=qk_norm, tie_word_embeddings=bool(hf.tie_word_embeddings), initializer_range=hf.initializer_range,
-        bos_token_id=hf.bos_token_id, eos_token_id=hf.eos_token_id, pad_token_id=hf.pad_token_id, **yarn, **moe)
+        bos_token_id=hf.bos_token_id, eos_token_id=hf.eos_token_id, pad_token_id=hf.pad_token_id, **yarn, **moe,
+        **mla)
+
+
+def _deinterleave_rope(state: dict[str, torch.Tensor], config) -> None:
+    """DeepseekV3 with rope_interleave=True rotates pairs (x0, x1), (x2, x3)...; tinylm rotates halves.
+    Reordering the RoPE output rows of the projections to (x0, x2, ..., x1, x3, ...) makes them equal
+    (q and k are permuted alike, so their dot products are unchanged)."""
+    d_r, d_qk = config.qk_rope_head_dim, config.qk_nope_head_dim + config.qk_rope_head_dim
+    perm = torch.cat((torch.arange(0, d_r, 2), torch.arange(1, d_r, 2)))
+    for name in list(state):
+        w = state[name]
+        if name.endswith(("q_proj.weight", "q_b_proj.weight")):
+            w = w.view(config.num_attention_heads, d_qk, -1).clone()
+            w[:, config.qk_nope_head_dim:] = w[:, config.qk_nope_head_dim:][:, perm]
+            state[name] = w.view(-1, w.shape[-1])
+        elif name.endswith("kv_a_proj_with_mqa.weight"):
+            w = w.clone()
+            w[config.kv_lora_rank:] = w[config.kv_lora_rank:][perm]
+            state[name] = w
 
 
 def import_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None):
@@ -401,6 +466,8 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None)
         if "rotary_emb" in name:
             continue
         state[name] = t
+    if getattr(hf_cfg, "rope_interleave", False):
+        _deinterleave_rope(state, config)
     model = TinyLMForCausalLM(config)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]

@@ -29,8 +29,12 @@ class StaticKVCache:
     ) -> None:
         dtype = dtype or torch.float32
         shape = (batch_size, config.num_key_value_heads, max_seq_len, config.head_dim)
+        v_shape = shape
+        if getattr(config, "attention", "gqa") == "mla":  # MLA (mla.py): keys = [latent c_kv ; RoPE key], no values
+            shape = (batch_size, 1, max_seq_len, config.kv_lora_rank + config.qk_rope_head_dim)
+            v_shape = (batch_size, 1, max_seq_len, 0)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(v_shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.seq_lens = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.batch_size = batch_size
         self.max_seq_len = max_seq_len

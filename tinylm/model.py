@@ -33,6 +33,8 @@ from tinylm.config import TinyLMConfig
 from tinylm.hf_compat import cache_kwargs
 from tinylm.kv_cache import StaticKVCache
 from tinylm.linear import Linear, fused_decode
+from tinylm.mla import MLA
+from tinylm.mtp import MultiTokenPrediction, mtp_losses
 from tinylm.moe import Experts, MoE, Router, SwiGLU
 
 
@@ -40,7 +42,10 @@ from tinylm.moe import Experts, MoE, Router, SwiGLU
 class TinyLMOutput(MoeCausalLMOutputWithPast):
     """transformers' MoE causal-LM output: loss = LM cross-entropy + aux_loss; aux_loss = weighted
     MoE balance loss (0 for dense); the KV cache field is `cache` (transformers >= 5.24) or
-    `past_key_values` (older), see hf_compat.py."""
+    `past_key_values` (older), see hf_compat.py. mtp_losses: per-depth multi-token-prediction CE (D,),
+    training mode only (mtp.py)."""
+
+    mtp_losses: torch.Tensor | None = None
 
 
 class _RMSNormFn(torch.autograd.Function):
@@ -89,6 +94,8 @@ class RMSNorm(nn.Module):
 def rope_frequencies(config: TinyLMConfig) -> tuple[torch.Tensor, float]:
     """Inverse frequencies (head_dim/2,) and the cos/sin scale; YaRN when yarn_factor > 1."""
     dim, base = config.head_dim, config.rope_theta
+    if getattr(config, "attention", "gqa") == "mla":  # MLA rotates only its decoupled RoPE dims (mla.py)
+        dim = config.qk_rope_head_dim
     pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
     inv_freq = 1.0 / pos_freqs
     factor = config.yarn_factor
@@ -197,7 +204,7 @@ class DecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: TinyLMConfig, layer_idx: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer_idx)
+        self.self_attn = MLA(config, layer_idx) if config.attention == "mla" else Attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.is_moe = config.is_moe_layer(layer_idx)
         self.mlp = MoE(config) if self.is_moe else SwiGLU(config.hidden_size, config.intermediate_size)
@@ -384,6 +391,8 @@ class TinyLMForCausalLM(TinyLMPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = TinyLMModel(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.mtp_depth:  # multi-token prediction modules (DeepSeek-V3), training only: mtp.py
+            self.mtp = MultiTokenPrediction(config)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -426,13 +435,18 @@ class TinyLMForCausalLM(TinyLMPreTrainedModel, GenerationMixin):
             cache = DynamicCache(config=self.config)
         hidden, aux = self.model(input_ids, attention_mask, position_ids, cache, cache_rows)
         pkv = cache if use_cache or cache is not None else None
+        mtp = None
+        if labels is not None and self.training and self.config.mtp_depth:
+            mtp, mtp_aux = mtp_losses(self, input_ids, hidden, labels)
+            aux = aux + mtp_aux + self.config.mtp_weight * mtp.mean()  # reported in aux_loss with the MoE terms
+            mtp = mtp.detach()
         if labels is not None and not return_logits:
             # Shifted next-token CE without (B, T, V) logits: position t predicts token t+1.
             h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B*(T-1), H)
             targets = labels[:, 1:].reshape(-1).to(h.device)
             ce_sum = linear_cross_entropy_sum(h, self.lm_head.weight, targets)
             denom = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum().clamp(min=1)
-            return TinyLMOutput(loss=ce_sum / denom + aux, aux_loss=aux, logits=None, **cache_kwargs(pkv))
+            return TinyLMOutput(loss=ce_sum / denom + aux, aux_loss=aux, logits=None, mtp_losses=mtp, **cache_kwargs(pkv))
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden).float()  # (B, T, V)
@@ -447,7 +461,7 @@ class TinyLMForCausalLM(TinyLMPreTrainedModel, GenerationMixin):
             else:
                 loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum") / num_items_in_batch
             loss = loss + aux
-        return TinyLMOutput(loss=loss, aux_loss=aux, logits=logits, **cache_kwargs(pkv))
+        return TinyLMOutput(loss=loss, aux_loss=aux, logits=logits, mtp_losses=mtp, **cache_kwargs(pkv))
 
     # -- MoE helpers ----------------------------------------------------------------------------
     def moe_layers(self) -> list[tuple[int, MoE]]:

@@ -108,6 +108,8 @@ class LMObjective:
             n_tokens = (batch["labels"][:, 1:] != -100).sum()
             out = model(**lm_inputs(model, batch), use_cache=False, labels=batch["labels"], num_items_in_batch=n_tokens.clamp(min=1), return_logits=False)
             fused_metrics = {"aux_loss": out.aux_loss.detach()} if out.aux_loss.requires_grad else {}
+            if getattr(out, "mtp_losses", None) is not None:  # multi-token prediction, per depth (mtp.py)
+                fused_metrics.update({f"mtp_loss_{k + 1}": v for k, v in enumerate(out.mtp_losses)})
             return out.loss * n_tokens, n_tokens, fused_metrics  # = ce_sum + aux * n_tokens
         ce_sum, n_tokens, out = causal_lm_loss_sum(model, batch)
         metrics: dict[str, Any] = {}

@@ -135,7 +135,7 @@ def _encode_chunk(chunk: list[tuple[str, int, object]]) -> list[tuple]:
             if rec.eos:
                 ids.append(sep)
         elif rec.kind == "chat":
-            ids, mask = encode_chat(tok, rec.messages, allow=allow)
+            ids, mask = encode_chat(tok, rec.messages, allow=allow, tools=rec.tools, enable_thinking=rec.enable_thinking)
         else:  # preference: only `data check` gets here; report the longer of the two sequences
             a = encode_preference(tok, rec.prompt, rec.chosen, allow=allow)
             b = encode_preference(tok, rec.prompt, rec.rejected, allow=allow)

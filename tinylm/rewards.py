@@ -65,10 +65,56 @@ def accuracy_reward(prompts: list[str], completions: list[str], answer: list | N
     return out
 
 
+def final_answer(trajectory: str) -> str | None:
+    """The final answer of a tool-use trajectory (agent.py): the last assistant turn, when it ended with
+    <|im_end|> and called no tool; None otherwise (cut off, or still calling tools)."""
+    last = trajectory.rsplit("<|im_start|>assistant\n", 1)[-1]
+    if not last.rstrip().endswith("<|im_end|>") or "<tool_call>" in last:
+        return None
+    answer = last.rstrip()[:-len("<|im_end|>")]
+    return answer.split("</think>")[-1].strip()
+
+
+def tool_accuracy_reward(prompts: list[str], completions: list[str], answer: list | None = None,
+                         **kw) -> list[float]:
+    """1.0 when the trajectory's final answer holds the row's `answer` (the last number equals it, or
+    for a non-numeric answer the text contains it, case-insensitive), else 0.0."""
+    if answer is None:
+        raise ValueError("tool_accuracy_reward needs an 'answer' column in the prompt rows")
+    out = []
+    for c, gold in zip(completions, answer):
+        final = final_answer(c)
+        if final is None:
+            out.append(0.0)
+            continue
+        gold = str(gold)
+        nums = _NUMBER.findall(final.replace(",", ""))
+        if _NUMBER.fullmatch(gold.replace(",", "")):
+            out.append(1.0 if nums and _same_number(nums[-1], gold.replace(",", "")) else 0.0)
+        else:
+            out.append(1.0 if gold.lower() in final.lower() else 0.0)
+    return out
+
+
+def tool_format_reward(prompts: list[str], completions: list[str], **kw) -> list[float]:
+    """1.0 when every <tool_call> block is valid JSON naming a function, no tool returned an error, and
+    the trajectory ends with a final answer; else 0.0."""
+    from tinylm.tool_calls import split_tool_calls
+
+    out = []
+    for c in completions:
+        turns = c.split("<|im_start|>assistant\n")
+        bad = any("<tool_call>" in split_tool_calls(t.split("<|im_end|>")[0])[0] for t in turns)
+        out.append(0.0 if bad or "error:" in c or not final_answer(c) else 1.0)
+    return out
+
+
 BUILTIN_REWARDS: dict[str, RewardFn] = {
     "format": format_reward,
     "tag_count": tag_count_reward,
     "accuracy": accuracy_reward,
+    "tool_accuracy": tool_accuracy_reward,
+    "tool_format": tool_format_reward,
 }
 
 

@@ -38,8 +38,9 @@ from pathlib import Path
 from starlette.requests import Request  # module level: FastAPI resolves handler annotations here
 from starlette.responses import Response
 
-from tinylm import __version__
-from tinylm.generate import SamplingParams, render_chat
+from tinylm import __version__, server_tools
+from tinylm.chat_format import render_prompt
+from tinylm.generate import SamplingParams
 from tinylm.special_tokens import encode_text
 
 WEB_DIR = Path(__file__).parent / "web"
@@ -167,6 +168,7 @@ def parse_messages(raw: object) -> list[dict]:
             raise APIError(400, f"messages[{i}].content must be a string or text parts", param=f"messages[{i}].content")
         role = "system" if m["role"] == "developer" else m["role"]
         out.append({"role": role, "content": content})
+        out[-1].update(server_tools.message_fields(m, i))  # tool_calls / tool_call_id (server_tools.py)
     return out
 
 
@@ -241,6 +243,11 @@ def _finish(reason: str | None) -> str:
     return "length" if reason == "length" else "stop"
 
 
+def _finish_tools(reason: str | None, tools) -> str:
+    """`_finish`, or "tool_calls" when the reply (a server_tools.ReplyTools) made calls."""
+    return tools.finish_reason(_finish(reason)) if tools is not None else _finish(reason)
+
+
 # ---------------------------------------------------------------------------------------------
 # GET /openapi.json: what the validators above accept and what the handlers return, as JSON Schema
 # written by hand. The handlers read raw JSON and validate it themselves (OpenAI-shaped 400s that
@@ -282,11 +289,29 @@ def _request_schemas(model_name: str, max_tokens_cap: int, vocab_size: int) -> d
                                         "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}}
     message = {"type": "object", "required": ["role"],
                "properties": {"role": {"enum": sorted(ROLES)},
-                              "content": _nullable({"anyOf": [{"type": "string"}, parts]})}}
+                              "content": _nullable({"anyOf": [{"type": "string"}, parts]}),
+                              "tool_call_id": _nullable({"type": "string"}),
+                              "tool_calls": _nullable({"type": "array", "items": {
+                                  "type": "object", "required": ["function"], "properties": {
+                                      "id": {"type": "string"}, "type": {"const": "function"},
+                                      "function": {"type": "object", "required": ["name", "arguments"], "properties": {
+                                          "name": {"type": "string", "minLength": 1},
+                                          "arguments": {"type": "string"}}}}}})}}
+    tool = {"type": "object", "required": ["type", "function"], "properties": {
+        "type": {"const": "function"}, "function": {"type": "object", "required": ["name"], "properties": {
+            "name": {"type": "string", "minLength": 1}, "description": {"type": "string"},
+            "parameters": {"type": "object"}}}}}
+    # A named tool_choice ({"type": "function", "function": {"name": ...}}, which must name one of `tools`)
+    # and "required" are accepted too (server_tools.py); a schema cannot say "one of the tools" so they
+    # are left out of it, and the fuzzer never sends one that must fail.
+    choice = {"enum": ["auto", "none"]}
     return {
         "ChatMessage": message,
         "ChatCompletionRequest": {"type": "object", "required": ["messages"], "properties": {
-            "messages": {"type": "array", "minItems": 1, "items": _ref("ChatMessage")}, **shared}},
+            "messages": {"type": "array", "minItems": 1, "items": _ref("ChatMessage")}, **shared,
+            "tools": _nullable({"type": "array", "maxItems": 128, "items": tool}), "tool_choice": _nullable(choice),
+            "chat_template_kwargs": _nullable({"type": "object", "properties": {
+                "enable_thinking": _nullable({"type": "boolean"})}})}},
         "CompletionRequest": {"type": "object", "required": ["prompt"], "properties": {
             "prompt": {"anyOf": [text, token_ids, {"type": "array", "minItems": 1, "maxItems": MAX_PROMPTS,
                                                    "items": {"anyOf": [text, token_ids]}}]},
@@ -296,12 +321,19 @@ def _request_schemas(model_name: str, max_tokens_cap: int, vocab_size: int) -> d
 
 def _response_schemas(model_name: str) -> dict:
     count, string = {"type": "integer", "minimum": 0}, {"type": "string"}
-    finish = {"enum": ["stop", "length"]}
+    finish = {"enum": ["stop", "length", "tool_calls"]}
     head = {"id": string, "created": {"type": "integer"}, "model": {"const": model_name}}
     head_keys = ["id", "object", "created", "model", "choices"]
     choice = dict(index=count, logprobs={"type": "null"})
-    reply = _closed(["role", "content"], role={"const": "assistant"}, content=string, reasoning_content=string)
-    delta = _closed([], role={"const": "assistant"}, content=string, reasoning_content=string)
+    call = _closed(["id", "type", "function"], id=string, type={"const": "function"},
+                   function=_closed(["name", "arguments"], name=string, arguments=string))
+    calls = {"type": "array", "items": call}
+    delta_calls = {"type": "array", "items": {**call, "required": ["index", "id", "type", "function"],
+                                              "properties": {**call["properties"], "index": count}}}
+    reply = _closed(["role", "content"], role={"const": "assistant"}, content=_nullable(string),
+                    reasoning_content=string, tool_calls=calls)
+    delta = _closed([], role={"const": "assistant"}, content=string, reasoning_content=string,
+                    tool_calls=delta_calls)
     usage = _closed(["prompt_tokens", "completion_tokens", "total_tokens"],
                     prompt_tokens=count, completion_tokens=count, total_tokens=count)
 
@@ -523,7 +555,8 @@ def create_app(engine, model_name: str, api_key: str | None = None, max_tokens_c
     def sse(obj: object) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
-    async def respond(request: Request, body: dict, jobs, split_think: bool, chat: bool, echo: list[str]):
+    async def respond(request: Request, body: dict, jobs, split_think: bool, chat: bool, echo: list[str],
+                      tool_prefix: str | None = None):
         streaming, include_usage = parse_stream(body)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         obj = "chat.completion" if chat else "text_completion"
@@ -547,6 +580,13 @@ def create_app(engine, model_name: str, api_key: str | None = None, max_tokens_c
             for i in range(len(jobs)):
                 if chat:
                     msg = {"role": "assistant", "content": texts.get(i, "")}
+                    if tool_prefix is not None:  # tool calls out of the text (server_tools.py)
+                        reply = server_tools.ReplyTools(tool_prefix)
+                        content, calls = reply.push(texts.get(i, ""), final=True)
+                        if calls:
+                            msg = {"role": "assistant", "content": content.strip() or None,
+                                   "tool_calls": [{k: v for k, v in c.items() if k != "index"} for c in calls]}
+                            finish[i] = reply.finish_reason(finish[i])
                     if reasons.get(i):
                         msg["reasoning_content"] = reasons[i]
                     choices.append({"index": i, "message": msg, "logprobs": None, "finish_reason": finish.get(i)})
@@ -559,6 +599,8 @@ def create_app(engine, model_name: str, api_key: str | None = None, max_tokens_c
         async def gen():
             seqs = {}
             stream = events(*submitted)
+            tools = {i: server_tools.ReplyTools(tool_prefix) for i in range(len(jobs))} if tool_prefix is not None \
+                else {}
             try:
                 if chat:
                     for i in range(len(jobs)):
@@ -577,14 +619,19 @@ def create_app(engine, model_name: str, api_key: str | None = None, max_tokens_c
                         delta = {}
                         if d.reasoning:
                             delta["reasoning_content"] = d.reasoning
-                        if d.content:
-                            delta["content"] = d.content
+                        content, calls = (tools[i].push(d.content, final=d.finish_reason is not None) if tools
+                                          else (d.content, []))
+                        if content:
+                            delta["content"] = content
+                        if calls:
+                            delta["tool_calls"] = calls
                         if delta:
                             yield sse({**base, "choices": [{"index": i, "delta": delta, "logprobs": None,
                                                             "finish_reason": None}]})
                         if d.finish_reason:
                             yield sse({**base, "choices": [{"index": i, "delta": {}, "logprobs": None,
-                                                            "finish_reason": _finish(d.finish_reason)}]})
+                                                            "finish_reason": _finish_tools(d.finish_reason,
+                                                                                           tools.get(i))}]})
                     elif d.content or d.finish_reason:
                         fr = _finish(d.finish_reason) if d.finish_reason else None
                         yield sse({**base, "choices": [{"index": i, "text": d.content, "logprobs": None,
@@ -623,10 +670,15 @@ def create_app(engine, model_name: str, api_key: str | None = None, max_tokens_c
     async def chat_completions(request: Request):
         body = await read_body(request)
         messages = parse_messages(body.get("messages"))
-        ids = render_chat(tokenizer, messages)
+        tools = server_tools.parse_tools(body)
+        choice = server_tools.parse_tool_choice(body, tools)
+        think = server_tools.parse_enable_thinking(body)
+        prefix = server_tools.forced_prefix(choice, tools)
+        ids = render_prompt(tokenizer, messages, tools=tools if prefix is not None else None, enable_thinking=think)
+        ids = list(ids) + server_tools.prefix_ids(tokenizer, prefix or "")
         params, n = parse_params(body, len(ids), engine.max_seq_len, max_tokens_cap, default_max_tokens)
         jobs = [(ids, _with_seed(params, j)) for j in range(n)]
-        return await respond(request, body, jobs, split_think=True, chat=True, echo=[""] * n)
+        return await respond(request, body, jobs, split_think=True, chat=True, echo=[""] * n, tool_prefix=prefix)
 
     @app.post("/v1/completions", openapi_extra=doc("Completion", "CompletionChunk", request="CompletionRequest"))
     async def completions(request: Request):
@@ -785,7 +837,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from tinylm.engine import Engine
 
     model, tokenizer = load_for_inference(args.model_dir, args.lora, args.dtype, args.device,
-                                          yarn_factor=args.yarn_factor)
+                                          yarn_factor=args.yarn_factor, quantize=args.quantize)
     name = args.model_name or Path(args.model_dir.rstrip("/")).name or "tinylm"
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
                     max_seq_len=args.max_seq_len)
@@ -846,4 +898,6 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    help="serve a tinylm model at this many times its trained context with YaRN (e.g. 4)")
     p.add_argument("--dtype", default="auto", help="auto | fp32 | bf16 | fp16")
     p.add_argument("--device", default=None, help="cpu | cuda | mps (default: cuda if available)")
+    p.add_argument("--quantize", default="none", choices=["none", "int8"],
+                   help="int8: decode with weight-only int8 products on CPU (~2-3x faster, logits within ~1%%)")
     p.set_defaults(func=_cmd_serve)

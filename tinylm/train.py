@@ -44,11 +44,24 @@ from tinylm.checkpoint import (
     remove_unfinished_saves,
     resume_checkpoint,
     save_checkpoint,
-    save_final,
     write_model_files,
 )
 from tinylm.hf_compat import enable_checkpointing
 from tinylm.metrics import MetricsLogger, peak_memory_mb, progress_line
+from tinylm.parallel import (
+    agree,
+    grad_norm_and_clip,
+    init_process_group,
+    is_fsdp,
+    is_sharded_checkpoint,
+    load_sharded,
+    memory_report,
+    prepare_optimizer_save,
+    save_model_dir,
+    save_sharded,
+    shard_model,
+    shard_optimizer,
+)
 from tinylm.trainconfig import TrainConfig, config_to_dict, load_config, save_config
 
 
@@ -80,7 +93,7 @@ def setup_distributed(cfg: TrainConfig) -> tuple[int, int, int, torch.device]:
         torch.backends.cudnn.allow_tf32 = True
     if world > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
+        init_process_group(backend, device, cfg.dist_timeout_min)
     return rank, local_rank, world, device
 
 
@@ -112,6 +125,9 @@ def make_objective(cfg: TrainConfig) -> Any:
     if stage == "ppo":
         from tinylm.ppo import PPOObjective
         return PPOObjective(cfg)
+    if stage == "vlm":
+        from tinylm.vlm_train import VisionObjective
+        return VisionObjective(cfg)
     raise ValueError(f"stage {stage!r} has no objective "
                      "(known: pretrain, sft, dpo, distill, reason, grpo, reward, ppo)")
 
@@ -265,8 +281,7 @@ def finish_gradients(params: list[torch.nn.Parameter], n_total: float, world: in
     grads = [p.grad for p in params if p.grad is not None]
     if grads:
         torch._foreach_mul_(grads, world / (micro_scale * n_total))
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-    return float(norm)
+    return grad_norm_and_clip(params, grad_clip)  # FSDP2: the norm of the shards, reduced over ranks
 
 
 # -- evaluation and samples ----------------------------------------------------------------------
@@ -425,13 +440,14 @@ def setup(cfg: TrainConfig, objective: Any, log: Any) -> tuple[Run, Loop]:
     config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)
 
     model, tokenizer, objective = build_model(cfg, objective, device)
-    optimizer = build_optimizer(model, cfg, device)
+    model = shard_model(model, cfg, device, world)  # parallel=fsdp: FSDP2 in place (tinylm/parallel.py)
+    optimizer = shard_optimizer(build_optimizer(model, cfg, device), cfg, world)  # parallel=zero1
     autocast_dtype, use_scaler = autocast_settings(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     loop, data_state = restore(resume_from, model, optimizer, scaler, say)
 
     fwd_model: torch.nn.Module = model
-    if world > 1:
+    if world > 1 and not is_fsdp(model):
         fwd_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
@@ -462,7 +478,11 @@ def build_model(cfg: TrainConfig, objective: Any, device: torch.device) -> tuple
     from tinylm.loading import load_model
 
     torch.manual_seed(cfg.seed)
-    model, tokenizer = load_model(cfg.model, dtype="fp32", tokenizer=cfg.tokenizer or None, seed=cfg.seed)
+    if cfg.stage == "vlm":  # vision tower + projector + LM (tinylm/vlm_train.py)
+        from tinylm.vlm_train import load_vlm_for_training
+        model, tokenizer = load_vlm_for_training(cfg)
+    else:
+        model, tokenizer = load_model(cfg.model, dtype="fp32", tokenizer=cfg.tokenizer or None, seed=cfg.seed)
     model = apply_adapters(model, cfg).to(device)
     if cfg.grad_checkpointing:
         enable_checkpointing(model)
@@ -478,7 +498,13 @@ def restore(resume_from: Path | None, model: torch.nn.Module, optimizer: torch.o
     Also returns the saved data-iterator position, or None."""
     if resume_from is None:
         return Loop(), None
-    state = load_checkpoint(resume_from, model, optimizer)
+    if is_sharded_checkpoint(resume_from):  # parallel=fsdp, saved at any world size
+        state = load_sharded(resume_from, model, optimizer)
+    elif is_fsdp(model):
+        raise ValueError(f"resume={resume_from}: parallel=fsdp resumes from sharded checkpoints only; "
+                         "this one was saved with parallel=ddp/zero1 (resume it with those)")
+    else:
+        state = load_checkpoint(resume_from, model, optimizer)
     if state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     loop = Loop(step=int(state["step"]), tokens_seen=int(state["tokens_seen"]),
@@ -494,8 +520,8 @@ def announce(run: Run) -> None:
     if cfg.lora.enabled:  # trainable / total params, and the 4-bit storage for QLoRA
         from tinylm.lora import size_summary
         sizes = size_summary(run.model)
-    run.say(f"stage {cfg.stage} | model {cfg.model} | {sizes} | device {run.device} x{run.world} | "
-            f"dtype {run.autocast_dtype or torch.float32} | global batch "
+    run.say(f"stage {cfg.stage} | model {cfg.model} | {sizes} | device {run.device} x{run.world}"
+            f"{' ' + cfg.parallel if run.world > 1 else ''} | dtype {run.autocast_dtype or torch.float32} | global batch "
             f"{cfg.batch_size * cfg.grad_accum * run.world} rows x {cfg.seq_len} | "
             f"steps {run.total_steps or 'until time budget'}")
 
@@ -514,7 +540,8 @@ def train_step(run: Run, loop: Loop) -> Step:
         group["lr"] = lr
     batches = (next(run.train_stream) for _ in range(cfg.grad_accum))
     stats, extra, data_s = accumulate_gradients(run.objective, run.fwd_model, batches, cfg.grad_accum, run.device,
-                                                run.amp, run.scaler, run.micro_scale, ddp=run.world > 1)
+                                                run.amp, run.scaler, run.micro_scale,
+                                                ddp=run.world > 1 and not is_fsdp(run.model))
     loop.win_data += data_s
     stats[3] = float(run.budget_s > 0 and elapsed >= run.budget_s)
     if run.world > 1:
@@ -580,6 +607,12 @@ def log_step(run: Run, loop: Loop, step: Step, done: bool) -> None:
     """Progress line + metrics row every log_every steps, and at the first and the last step."""
     if not (loop.step % run.cfg.log_every == 0 or done or loop.step == 1):
         return
+    if loop.step == 1 and run.world > 1:  # memory per rank, once (every rank takes part)
+        mem = memory_report(run.model, run.optimizer, run.world)
+        run.say("memory per rank (param/grad/optim MB, peak RSS MB): " + " | ".join(
+            f"{m['param_bytes'] / 2**20:.1f}/{m['grad_bytes'] / 2**20:.1f}/{m['optim_bytes'] / 2**20:.1f}, "
+            f"{m['peak_rss_mb']:.0f}" for m in mem))
+        run.logger.log({"step": loop.step, "memory_per_rank": mem})
     now = time.time()
     elapsed = loop.elapsed(now)
     if run.total_steps:
@@ -608,7 +641,8 @@ def side_work(run: Run, loop: Loop, done: bool) -> None:
     t_side = time.time()
     if (cfg.eval_every and step % cfg.eval_every == 0) or done:
         validate(run, loop)
-    if run.master and cfg.sample_prompts and ((cfg.sample_every and step % cfg.sample_every == 0) or done):
+    if (run.master or is_fsdp(run.model)) and cfg.sample_prompts and (  # FSDP2: forward on every rank
+            (cfg.sample_every and step % cfg.sample_every == 0) or done):
         for prompt, text in generate_samples(run.objective, run.model, run.tokenizer, cfg, run.device,
                                              run.autocast_dtype):
             run.say(f"  sample | {prompt!r} -> {text!r}")
@@ -629,9 +663,10 @@ def validate(run: Run, loop: Loop) -> None:
         run.logger.log({"step": loop.step, "val_loss": round(val, 6)})
         if val < loop.best_val:
             loop.best_val = val
-            if run.master and run.cfg.keep_best:  # survives keep_last's pruning (overfitting runs)
-                save_final(run.model, run.tokenizer, run.out_dir, "best", {"step": loop.step, "val_loss": val})
-    if run.master and hasattr(run.objective, "validation_metrics"):
+            if run.cfg.keep_best:  # survives keep_last's pruning (overfitting runs); rank 0 writes
+                save_model_dir(run.model, run.tokenizer, run.out_dir, run.cfg, run.rank, "best",
+                               {"step": loop.step, "val_loss": val})
+    if (run.master or is_fsdp(run.model)) and hasattr(run.objective, "validation_metrics"):
         vm = run.objective.validation_metrics(run.model)
         if vm:
             run.say(f"step {loop.step} | " + " | ".join(f"{k} {v:.4f}" for k, v in vm.items()))
@@ -639,12 +674,19 @@ def validate(run: Run, loop: Loop) -> None:
 
 
 def save(run: Run, loop: Loop) -> None:
-    """Checkpoint the current step on rank 0: weights, optimizer, data position, counters, RNG, GradScaler."""
-    if not run.master:
-        return
+    """Checkpoint the current step on rank 0: weights, optimizer, data position, counters, RNG, GradScaler.
+    parallel=fsdp: every rank writes its shards (tinylm/parallel.py); zero1: gathered to rank 0 first."""
+    if run.world > 1:
+        prepare_optimizer_save(run.optimizer)
     state = {"step": loop.step, "tokens_seen": loop.tokens_seen, "elapsed_s": loop.elapsed(),
              "data": run.train_it.state_dict(), "scaler": run.scaler.state_dict() if run.use_scaler else {},
              "total_steps": run.total_steps, "world_size": run.world, "best_val": loop.best_val}
+    if run.cfg.parallel == "fsdp":
+        save_sharded(run.out_dir, loop.step, run.model, run.optimizer, state, run.config_yaml, run.cfg.keep_last,
+                     run.rank, run.world)
+        return
+    if not run.master:
+        return
     save_checkpoint(run.out_dir, loop.step, run.model, run.optimizer, state, run.config_yaml, run.cfg.keep_last,
                     lambda d: write_model_files(run.model, run.tokenizer, d))
 
@@ -653,11 +695,11 @@ def save(run: Run, loop: Loop) -> None:
 
 def finish(run: Run, loop: Loop) -> dict[str, Any]:
     """Checkpoint the last step if no save covered it (time budget), write final/, wait for all ranks."""
+    last = latest_checkpoint(run.out_dir) if run.master else None
+    if agree(run.master and (last is None or checkpoint_step(last) != loop.step), run.world):
+        save(run, loop)  # a collective under zero1 / fsdp
+    final = save_model_dir(run.model, run.tokenizer, run.out_dir, run.cfg, run.rank)
     if run.master:
-        last = latest_checkpoint(run.out_dir)
-        if last is None or checkpoint_step(last) != loop.step:
-            save(run, loop)
-        final = save_final(run.model, run.tokenizer, run.out_dir)
         run.say(f"done: {loop.step} steps, {loop.tokens_seen:,} tokens, final loss {loop.last_loss:.4f}"
                 + (f", val_loss {loop.last_val:.4f}" if loop.last_val is not None else "") + f" -> {final}")
     if run.world > 1:

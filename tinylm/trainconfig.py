@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-STAGES = ("pretrain", "sft", "dpo", "distill", "reason", "grpo", "reward", "ppo")
+STAGES = ("pretrain", "sft", "dpo", "distill", "reason", "grpo", "reward", "ppo", "vlm")
 
 
 @dataclass
@@ -138,6 +138,9 @@ class GRPOConfig:
         eval_prompts: Held-out prompt file (same format as data.train); at every validation
             (`eval_every` and the last step) the mean reward on it is logged as `val_reward`.
         eval_samples: Completions sampled per held-out prompt (temperature `temperature`).
+        tools: Bundled tools (tinylm/tools.py) the rollouts may call; non-empty = agentic RL: multi-turn
+            rollouts that run the tools, tool results masked out of the loss (tinylm/agent_rl.py).
+        max_turns: Model turns per tool rollout (each may call tools; the last must answer).
     """
 
     group_size: int = 4
@@ -153,6 +156,8 @@ class GRPOConfig:
     ref_model: str = ""
     eval_prompts: str = ""
     eval_samples: int = 4
+    tools: list[str] = field(default_factory=list)
+    max_turns: int = 4
 
 
 @dataclass
@@ -234,6 +239,46 @@ class ReasonConfig:
 
 
 @dataclass
+class FSDPConfig:
+    """FSDP2 settings for `parallel: fsdp` (Zhao et al. 2023; ZeRO-2/3 of Rajbhandari et al. 2020).
+
+    Args:
+        reshard_after_forward: true = free the gathered weights after each layer's forward and gather
+            them again for backward (ZeRO-3: least memory); false = keep them until the backward
+            (ZeRO-2-like: less communication, full weights held during the step).
+        mixed_precision: Compute in bf16 weights gathered from fp32 shards, reduce gradients in fp32.
+        cpu_offload: Keep the parameter, gradient and optimizer shards in CPU memory (CUDA runs).
+    """
+
+    reshard_after_forward: bool = True
+    mixed_precision: bool = False
+    cpu_offload: bool = False
+
+
+@dataclass
+class VisionConfig:
+    """Vision-language model settings (stage `vlm`; tinylm/vision.py, docs/vision.md).
+
+    Args:
+        encoder: Vision tower directory (CLIP / SigLIP / SigLIP2, or the demo tower of
+            `python -m tinylm.clip_train`); unused when `model` is already a saved VLM directory.
+        pool: Average-pool k x k patches into one image token (1 = one token per patch).
+        feature_layer: Vision hidden state fed to the projector (-2 = penultimate, as LLaVA-1.5).
+        projector_norm: LayerNorm before the projector MLP (false = exactly LLaVA's projector).
+        train_lm: Which LM weights train: "none" (projector only: caption alignment), "all", or
+            "layers:I,J" (those decoder layers).
+        train_encoder: Also train the vision tower (frozen by default).
+    """
+
+    encoder: str = ""
+    pool: int = 1
+    feature_layer: int = -2
+    projector_norm: bool = True
+    train_lm: str = "none"
+    train_encoder: bool = False
+
+
+@dataclass
 class TrainConfig:
     """Everything one `tinylm train` run needs. Every field can be set in YAML or as `key=value`.
 
@@ -277,6 +322,12 @@ class TrainConfig:
         compile: Wrap the model in `torch.compile`.
         grad_checkpointing: Recompute activations in the backward pass (less memory, ~30% slower).
         grad_clip: Clip the global gradient norm to this value (0 = off).
+        parallel: Multi-process training under torchrun (docs/distributed.md): "ddp" (every rank holds
+            everything), "zero1" (DDP + optimizer state sharded, ZeroRedundancyOptimizer) or "fsdp"
+            (FSDP2: weights, gradients and optimizer state sharded; sharded checkpoints that resume at
+            any world size). One process: the same loop, no sharding.
+        fsdp: FSDP2 settings (ZeRO-2 vs ZeRO-3, bf16 mixed precision, CPU offload).
+        dist_timeout_min: A collective that waits longer than this (a dead or hung rank) fails the run.
         seed: Seed for model init, data order and dropout.
         device: "auto", "cpu", "cuda", "cuda:1", "mps". Under torchrun each rank uses cuda:LOCAL_RANK.
         num_workers: Tokenizer processes used when a raw data file is prepared on first use (0 or 1 = one
@@ -290,6 +341,7 @@ class TrainConfig:
         reason: Reasoning SFT settings.
         reward: Reward-model settings.
         ppo: PPO settings.
+        vision: Vision-language settings (stage `vlm`).
     """
 
     stage: str = "pretrain"
@@ -323,6 +375,9 @@ class TrainConfig:
     compile: bool = False
     grad_checkpointing: bool = False
     grad_clip: float = 1.0
+    parallel: str = "ddp"
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    dist_timeout_min: float = 10.0
     seed: int = 1337
     device: str = "auto"
     num_workers: int = 0
@@ -335,6 +390,7 @@ class TrainConfig:
     reason: ReasonConfig = field(default_factory=ReasonConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
 
     def validate(self) -> None:
         """Raise ValueError naming the field for values that cannot work."""
@@ -353,6 +409,8 @@ class TrainConfig:
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
         need(self.max_steps > 0 or self.epochs > 0 or self.time_budget_min > 0,
              "set one of max_steps, epochs or time_budget_min")
+        need(self.parallel in ("ddp", "zero1", "fsdp"), f"parallel={self.parallel!r} not in ddp|zero1|fsdp")
+        need(self.dist_timeout_min > 0, f"dist_timeout_min must be > 0, got {self.dist_timeout_min}")
         need(self.dtype in ("auto", "fp32", "bf16", "fp16"), f"dtype={self.dtype!r} not in auto|fp32|bf16|fp16")
         need(self.report_to in ("none", "tensorboard", "wandb"),
              f"report_to={self.report_to!r} not in none|tensorboard|wandb")
