@@ -51,7 +51,8 @@ def trained() -> TinyLMForCausalLM:
 
 def prefilled(model, lens: list[int]) -> tuple[StaticKVCache, StaticKVCache]:
     """Two identical caches whose rows hold random prompts of the given lengths."""
-    caches = StaticKVCache(model.config, len(lens), 48), StaticKVCache(model.config, len(lens), 48)
+    dtype = next(model.parameters()).dtype
+    caches = StaticKVCache(model.config, len(lens), 48, dtype=dtype), StaticKVCache(model.config, len(lens), 48, dtype=dtype)
     with torch.inference_mode():
         for row, n in enumerate(lens):
             ids = torch.randint(3, SHAPE["vocab_size"], (1, n))
@@ -170,3 +171,28 @@ def test_cli_quantize_int8_generates_and_refuses_moe(trained, tmp_path, capsys):
     moe = model_for(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
     with pytest.raises(ValueError, match="--quantize int8: not available.*MoE"):
         fast_decode.require_quantizable(moe, "int8")
+
+
+def test_mla_models_decode_through_the_forward():
+    try:
+        model = model_for(attention="mla", kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16,
+                          qk_norm=False)
+    except (TypeError, ValueError) as e:  # an install without MLA
+        pytest.skip(f"no MLA attention here: {e}")
+    assert "attention class" in fast_decode.supports(model)
+    assert StaticRunner(model, 1, 16).fast is None
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_bf16_model_one_and_several_rows(quantize):
+    model = model_for(3).to(torch.bfloat16)
+    fast_decode.set_quantization(model, quantize)
+    ref_cache, fast_cache = prefilled(model, [5, 6, 7, 8])
+    step = fast_decode.FastDecoder(model)
+    with torch.inference_mode():
+        for rows in ([0], [0, 1, 2, 3]):
+            tokens, rows_t = torch.arange(50, 50 + len(rows)), torch.tensor(rows)
+            ref = model(tokens[:, None], cache=ref_cache, cache_rows=rows_t, logits_to_keep=1).logits[:, -1]
+            out = step(fast_cache, tokens, rows_t)
+            assert out.dtype == torch.float32
+            assert (out - ref).abs().max() <= 0.05 * ref.abs().max()

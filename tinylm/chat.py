@@ -157,6 +157,9 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     params = sampling_from_args(args)
     model, tok = load_for_inference(args.model_dir, args.lora, args.dtype, args.device, args.tokenizer,
                                     yarn_factor=args.yarn_factor, quantize=args.quantize)
+    if args.tools:  # ReAct loop with the bundled tools (tinylm/agent.py)
+        from tinylm.agent import chat_with_tools
+        return chat_with_tools(model, tok, args)
     gen = BatchGenerator(model, tok, max_batch=1)
     system = args.system
     history: list[dict] = []
@@ -319,6 +322,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     _add_sampling(p, temperature=0.7)
     p.add_argument("--prompt", default=None, help="answer this one message and exit (scriptable)")
     p.add_argument("--show-thinking", action="store_true", help="print the <think> part of reasoning models")
+    p.add_argument("--tools", default=None, help="let the model call bundled tools: 'all' or a comma list "
+                   "(calculator,convert_units,date_diff,date_add,lookup_country); docs/tools.md")
+    p.add_argument("--max-turns", type=int, default=4, help="with --tools: model turns per answer")
     p.add_argument("--image", action="append", help="attach an image to the first message (vision models; "
                    "repeatable; /image PATH in the chat)")
     p.add_argument("--yarn-factor", type=float, default=1.0,
@@ -334,7 +340,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--batch-size", type=int, default=16, help="sequences decoded together")
     g.add_argument("--chunk", type=int, default=256, help="prompts per chunk (memory / progress)")
     g.add_argument("--keep-thinking", action="store_true", help="keep reasoning_content in the rows")
-    g.add_argument("--draft", default=None, help="draft model (same tokenizer) for speculative decoding")
+    g.add_argument("--draft", default=None, help="draft model (same tokenizer) for speculative decoding, or 'mtp' (the model's own MTP module)")
     g.add_argument("--draft-k", type=int, default=4, help="tokens the draft proposes per target forward")
     _add_sampling(g, temperature=0.8)
     g.set_defaults(func=_cmd_generate)

@@ -11,17 +11,18 @@ aten calls per `small` step, nested ones included, instead of 1986):
   when there are several (the same split-K layout, so the sums are added in the same order).
 - residual adds folded into the products (`addmm`); RMSNorm through the fused LayerNorm kernel
   (`rms_norm` is ~6 eager ops on CPU, 2-3x slower at batch 1): LayerNorm of [x, -x] has mean 0 and
-  variance mean(x^2), so its first half is exactly x / sqrt(mean(x^2) + eps); QK-norm of all heads
-  in one call.
-- RoPE as one batched product per layer: rotating by position p is a (D, D) matrix with cos on the
-  diagonal and +-sin on the half-shifted diagonal (Su et al. 2021), built once per step and
-  applied to q and k of every head together.
+  variance mean(x^2), so its first half is x / sqrt(mean(x^2) + eps) up to rounding; QK-norm of
+  all heads in one call.
+- RoPE at batch 1 as one small product per layer: rotating by position p is a (D, D) matrix with
+  cos on the diagonal and +-sin on the half-shifted diagonal (Su et al. 2021), built once per step
+  and applied to q and k of every head together (several rows: the elementwise formula).
 - GQA attention without copies: the g = n_heads / n_kv query heads of one K/V head are passed to
   SDPA as g query positions of that head (no mask needed: every cached key precedes the new token).
 - optional weight-only int8 (`quantize="int8"`): per-output-channel symmetric int8 weights and
   `aten._weight_int8pack_mm` with bf16 activations (4x fewer weight bytes than fp32; the
   LLM.int8 / llama.cpp q8_0 idea of 8-bit weights with a per-block / per-row scale, Dettmers et al.
-  2022), same ops otherwise.
+  2022), same ops otherwise; from 4 rows on, activations quantised per row and `torch._int_mm`.
+- several rows (batched serving) in fp32: oneDNN's packed-weight GEMM instead of MKL's sgemm.
 
 The reference path (model.py) stays the definition: `tests/test_fast_decode.py` checks logits and
 greedy tokens against it. Used by `tinylm.generate.StaticRunner` for decode steps of dense tinylm
@@ -144,10 +145,13 @@ class Product:
         if self.w_t is None:
             self.w_t = self.w.t().contiguous()  # (K, N) int8
             self.scale_f = self.scale.float()
-        sx = x.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12).div_(127.0)  # (b, 1)
-        q = torch.round(x / sx).to(torch.int8)
+        xf = x.float()  # bf16 x / scale can round to 128, which int8 wraps to -128
+        sx = xf.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12).div_(127.0)  # (b, 1)
+        q = torch.round(xf / sx).clamp_(-127, 127).to(torch.int8)
         y = torch._int_mm(q, self.w_t) * sx  # (b, N) fp32
-        return y.mul_(self.scale_f).to(x.dtype) if residual is None else torch.addcmul(residual, y, self.scale_f)
+        if residual is None:
+            return y.mul_(self.scale_f).to(x.dtype)
+        return torch.addcmul(residual, y, self.scale_f).to(residual.dtype)
 
     def _rows(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         """Several rows (batched decoding): oneDNN's packed-weight GEMM. MKL's sgemm runs a 16-row
