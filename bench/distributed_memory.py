@@ -7,6 +7,7 @@ and peak RSS (`memory_per_rank` in metrics.jsonl); this script prints them side 
 
     python bench/distributed_memory.py                  # base, all modes
     python bench/distributed_memory.py --model small --modes ddp,fsdp
+    python bench/distributed_memory.py --modes ddp,deepspeed_zero1,deepspeed_zero2,deepspeed_zero3  # pip install deepspeed
 
 One `RESULT state_bytes_<mode> <MiB> MiB ratio=<x> vs=ddp` line (rank 0's param+grad+optimizer
 bytes) and one `RESULT peak_rss_<mode> <MiB> MiB ratio=<x> vs=ddp` line (the larger rank) per mode.
@@ -28,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 MODES = {"ddp": ["parallel=ddp"], "zero1": ["parallel=zero1"],
          "fsdp_zero2": ["parallel=fsdp", "fsdp.reshard_after_forward=false"],
          "fsdp_zero3": ["parallel=fsdp", "fsdp.reshard_after_forward=true"]}
+DS_MODES = {f"deepspeed_zero{k}": ["parallel=deepspeed", f"deepspeed.stage={k}"] for k in (1, 2, 3)}
 
 
 def write_text(path: Path, rows: int = 400) -> None:
@@ -44,7 +46,7 @@ def run_mode(name: str, model: str, steps: int, work: Path) -> list[dict]:
            "-m", "tinylm", "train", str(REPO / "recipes" / "pretrain.yaml"), f"model={model}",
            f"data.train={work / 'text.jsonl'}", "data.val=", "seq_len=32", "batch_size=1", "grad_accum=1",
            f"max_steps={steps}", "warmup_steps=1", "eval_every=0", "save_every=0", "log_every=1",
-           "dtype=fp32", "compile=false", "sample_prompts=[]", f"out_dir={out}", *MODES[name]]
+           "dtype=fp32", "compile=false", "sample_prompts=[]", f"out_dir={out}", *{**MODES, **DS_MODES}[name]]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TINYLM_CACHE": str(work / "cache")}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=work)
     if proc.returncode != 0:

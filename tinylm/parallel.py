@@ -58,6 +58,12 @@ def is_fsdp(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
+def forward_is_collective(model: torch.nn.Module) -> bool:
+    """FSDP2 or DeepSpeed ZeRO-3 weights: every rank must join each forward (samples, metrics)."""
+    from tinylm.deepspeed_zero import is_zero3
+    return is_fsdp(model) or is_zero3(model)
+
+
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The repeated blocks to shard one by one (tinylm and HF Llama-style models: model.model.layers)."""
     inner = getattr(model, "model", None)
@@ -151,9 +157,14 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def memory_report(model: torch.nn.Module, optimizer: torch.optim.Optimizer, world: int) -> list[dict[str, float]]:
+def memory_report(model: torch.nn.Module, optimizer: torch.optim.Optimizer, world: int,
+                  engine: Any = None) -> list[dict[str, float]]:
     """Every rank's state bytes and peak RSS, gathered (a collective; rank order)."""
-    mine = {**state_bytes(model, optimizer), "peak_rss_mb": round(peak_rss_mb(), 1)}
+    if engine is not None:  # parallel=deepspeed: ZeRO partitions (tinylm/deepspeed_zero.py)
+        from tinylm.deepspeed_zero import state_bytes as ds_state_bytes
+        mine = {**ds_state_bytes(engine, optimizer), "peak_rss_mb": round(peak_rss_mb(), 1)}
+    else:
+        mine = {**state_bytes(model, optimizer), "peak_rss_mb": round(peak_rss_mb(), 1)}
     if world == 1:
         return [mine]
     out: list[Any] = [None] * world
@@ -287,6 +298,11 @@ def save_model_dir(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path, 
 
     if is_fsdp(model):
         model = full_model_copy(model, cfg, rank)
+    elif cfg.parallel == "deepspeed":
+        from tinylm.deepspeed_zero import full_model_copy as ds_full_model_copy
+        from tinylm.deepspeed_zero import is_zero3
+        if is_zero3(model):
+            model = ds_full_model_copy(model, cfg, rank)
     if rank != 0 or model is None:
         return None
     return save_final(model, tokenizer, out_dir, name, info)
