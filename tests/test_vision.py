@@ -277,3 +277,25 @@ def test_llava_export_logit_parity_without_tinylm(tower, tmp_path):
     with torch.no_grad():  # the images matter: without them the logits differ
         blank = model(input_ids=x["input_ids"], pixel_values=torch.zeros_like(x["pixel_values"])).logits
     assert not torch.allclose(blank, theirs, atol=1e-3)
+
+
+def test_chat_with_image_and_eval_gen_on_image_rows(vlm, tmp_path, capsys):
+    from tinylm.cli import main
+    from tinylm.evaluate import run_eval
+
+    model, tok = vlm
+    model.save_pretrained(tmp_path / "vlm")
+    tok.save_pretrained(tmp_path / "vlm")
+    path = write_data(tmp_path, [qa("red.png", a="red"), qa(["red.png", "blue.png"], "<image><image>Same?", "no"),
+                                 qa(None, "Hi", "hello")])
+    png = str(tmp_path / "red.png")
+    assert main(["chat", str(tmp_path / "vlm"), "--image", png, "--prompt", "What colour?", "--max-new-tokens", "3",
+                 "--temperature", "0"]) == 0
+    capsys.readouterr()  # a random model's answer: any text (possibly empty)
+    assert main(["chat", str(tmp_path / "vlm"), "--image", str(tmp_path / "nope.png"), "--prompt", "x"]) == 2
+    assert "--image" in capsys.readouterr().err
+    assert main(["chat", "tiny", "--image", png, "--prompt", "x"]) == 2
+    assert "not a vision-language model" in capsys.readouterr().err
+    out = run_eval([str(tmp_path / "vlm")], "gen", data=str(path), max_new_tokens=4)
+    r = out["models"]["vlm"]
+    assert r["n"] == 3 and set(r["by_task"]) == {"all", "overall"} and 0.0 <= r["exact_match"] <= 1.0

@@ -74,7 +74,7 @@ def build_tower(image_size: int, patch: int, hidden: int, layers: int, heads: in
     return CLIPVisionModel(cfg)
 
 
-def train_clip(pairs_file: str | Path, out: str | Path, steps: int = 250, batch: int = 64, image_size: int = 64,
+def train_clip(pairs_file: str | Path, out: str | Path, steps: int = 800, batch: int = 64, image_size: int = 64,
                patch: int = 16, hidden: int = 128, layers: int = 4, heads: int = 4, lr: float = 1e-3,
                seed: int = 0, log=print) -> dict[str, float]:
     """Contrastive training; writes a CLIPVisionModel + CLIPImageProcessor directory to `out`."""
@@ -125,7 +125,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description="Train the demo CLIP vision tower (tinylm/clip_train.py docstring).")
     ap.add_argument("pairs", help='jsonl of {"image": path, "text": caption}')
     ap.add_argument("--out", default="runs/clip_tower")
-    ap.add_argument("--steps", type=int, default=250)
+    ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--patch", type=int, default=16)
