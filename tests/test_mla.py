@@ -97,6 +97,10 @@ def test_generate_and_lora_on_latent_projection():
 
     greedy = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
     assert generate(model, tiny_tokenizer(), [prompt], greedy)[0].token_ids == full_greedy(8)
+    # batched rows of different lengths (right-padded prefill, per-row cache lengths) = one by one
+    prompts = [prompt, [7, 8], [40, 41, 42, 43, 44, 45, 46, 47]]
+    batched = generate(model, tiny_tokenizer(), prompts, greedy, max_batch=3)
+    assert [c.token_ids for c in batched] == [generate(model, tiny_tokenizer(), [p], greedy)[0].token_ids for p in prompts]
     apply_lora(model, dict(r=4, alpha=8, target_modules=["q_b_proj", "kv_b_proj", "o_proj"]))
     with torch.no_grad():
         for name, m in model.named_modules():

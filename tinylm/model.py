@@ -34,8 +34,8 @@ from tinylm.hf_compat import cache_kwargs
 from tinylm.kv_cache import StaticKVCache
 from tinylm.linear import Linear, fused_decode
 from tinylm.mla import MLA
-from tinylm.mtp import MultiTokenPrediction, mtp_losses
 from tinylm.moe import Experts, MoE, Router, SwiGLU
+from tinylm.mtp import MultiTokenPrediction, mtp_losses
 
 
 @dataclass

@@ -245,8 +245,14 @@ def generate_speculative(target, draft, tokenizer, prompts: list[list[dict]] | l
 
 
 def load_draft(spec: str, target, tokenizer, dtype: str | None = "auto", device: str | None = None):
-    """Load `--draft` and check that it shares the target's tokenizer (same vocabulary)."""
+    """Load `--draft` and check that it shares the target's tokenizer (same vocabulary); `--draft mtp`:
+    self-speculation with the target's own MTP module."""
     from tinylm.chat import load_for_inference
+
+    if spec == "mtp":
+        if not getattr(target, "mtp", None):
+            raise ValueError("--draft mtp: the model has no MTP modules (train it with mtp_depth >= 1)")
+        return "mtp"
 
     draft, draft_tok = load_for_inference(spec, None, dtype, device)
     if draft_tok.get_vocab() != tokenizer.get_vocab():
