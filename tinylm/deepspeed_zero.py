@@ -90,7 +90,7 @@ def accumulate_gradients(objective: Any, engine: Any, batches: Any, n_micro: int
     Returns (stats, metrics, data_seconds) as `accumulate_gradients` in train.py."""
     import time
 
-    from tinylm.train import count_tokens, to_device
+    from tinylm.objectives import count_tokens, to_device
 
     stats = torch.zeros(4, dtype=torch.float64, device=device)
     extra: dict[str, float] = {}
@@ -210,7 +210,7 @@ def full_model_copy(model: torch.nn.Module, cfg: Any, rank: int) -> torch.nn.Mod
     import deepspeed
 
     from tinylm.loading import load_model
-    from tinylm.train import apply_adapters
+    from tinylm.objectives import apply_adapters
 
     with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
         full = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if rank == 0 else None

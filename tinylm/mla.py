@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinylm.config import TinyLMConfig
+from tinylm.layers import RMSNorm, apply_rope
 from tinylm.linear import Linear
 
 
@@ -48,7 +49,6 @@ class MLA(nn.Module):
 
     def __init__(self, config: TinyLMConfig, layer_idx: int) -> None:
         super().__init__()
-        from tinylm.model import RMSNorm
 
         self.layer_idx = layer_idx
         h, self.n_heads = config.hidden_size, config.num_attention_heads
@@ -70,7 +70,6 @@ class MLA(nn.Module):
 
     def _query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, H) -> q_nope (B, n, T, d_n), q_rope (B, n, T, d_R) with RoPE applied."""
-        from tinylm.model import apply_rope
 
         b, t, _ = x.shape
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank else self.q_proj(x)
@@ -80,7 +79,6 @@ class MLA(nn.Module):
 
     def latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, H) -> what the cache stores: c_kv (B, 1, T, r) and the RoPE key k_R (B, 1, T, d_R)."""
-        from tinylm.model import apply_rope
 
         b, t, _ = x.shape
         c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.d_rope], dim=-1)

@@ -20,26 +20,26 @@ exported (transformers' DeepseekV3 drops them too).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from tinylm.config import TinyLMConfig
+from tinylm.layers import RMSNorm, linear_cross_entropy_sum
 from tinylm.linear import Linear
 
 
 class MTPModule(nn.Module):
     """Depth k: combine h^{k-1} with the embedding of the token k ahead, run one block."""
 
-    def __init__(self, config: TinyLMConfig, depth: int) -> None:
+    def __init__(self, config: TinyLMConfig, depth: int, block: nn.Module) -> None:
         super().__init__()
-        from tinylm.model import DecoderLayer, RMSNorm
-
         h = config.hidden_size
         self.hnorm = RMSNorm(h, config.rms_norm_eps)
         self.enorm = RMSNorm(h, config.rms_norm_eps)
         self.eh_proj = Linear(2 * h, h, bias=False)
-        # Layer index after the main stack: its own slot in a KV cache that has room for it.
-        self.block = DecoderLayer(config, config.num_hidden_layers + depth - 1)
+        self.block = block  # a DecoderLayer (model.py) with its own layer index after the main stack
         self.norm = RMSNorm(h, config.rms_norm_eps)
 
     def forward(self, h_prev: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -50,9 +50,12 @@ class MTPModule(nn.Module):
 
 
 class MultiTokenPrediction(nn.Module):
-    def __init__(self, config: TinyLMConfig) -> None:
+    def __init__(self, config: TinyLMConfig, make_block: Callable[[int], nn.Module]) -> None:
+        """make_block(layer_idx) -> a decoder block; depth k gets index num_hidden_layers + k - 1, its
+        own slot in a KV cache that has room for it (passed in: model.py imports this file)."""
         super().__init__()
-        self.layers = nn.ModuleList(MTPModule(config, k) for k in range(1, config.mtp_depth + 1))
+        self.layers = nn.ModuleList(MTPModule(config, k, make_block(config.num_hidden_layers + k - 1))
+                                    for k in range(1, config.mtp_depth + 1))
 
 
 def mtp_losses(model, input_ids: torch.Tensor, hidden: torch.Tensor, labels: torch.Tensor
@@ -62,8 +65,6 @@ def mtp_losses(model, input_ids: torch.Tensor, hidden: torch.Tensor, labels: tor
     input_ids, labels (B, T) (labels unshifted, -100 = no target); hidden (B, T, H) = h^0.
     Depth k runs on positions 0..T-k-1 and position i predicts labels[:, i + k + 1].
     """
-    from tinylm.model import linear_cross_entropy_sum
-
     b, t = input_ids.shape
     h, embed = hidden, model.model.embed_tokens
     losses, aux = [], hidden.new_zeros((), dtype=torch.float32)

@@ -165,3 +165,28 @@ def _one_pass(ds: Any, batch_size: int, seq_len: int, rank: int, world_size: int
     for start in range(0, len(ds) - world_size + 1, gb):  # every rank gets >= 1 row per batch
         rows = list(range(start, min(start + gb, len(ds))))[rank::world_size]
         yield collate(ds, rows, seq_len)
+
+
+def count_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Non-padding input tokens in a batch (all attention masks, or all input ids when unpadded)."""
+    if isinstance(batch.get("n_tokens"), int):
+        return batch["n_tokens"]
+    masks = [v for k, v in batch.items() if k.endswith("attention_mask")]
+    if masks:
+        return int(sum(int(m.sum()) for m in masks))
+    return int(sum(v.numel() for k, v in batch.items() if k.endswith("input_ids")))
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    nb = device.type == "cuda"
+    return {k: v.to(device, non_blocking=nb) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def apply_adapters(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
+    """LoRA / QLoRA hook: freezes the model and adds adapters when cfg.lora.enabled (tinylm/lora.py)."""
+    if cfg.lora.enabled:
+        from tinylm.lora import apply_lora, check_base_model  # post-training module
+        check_base_model(cfg.model)  # a preset is re-drawn on every load: the adapter would lose its base
+        model = apply_lora(model, cfg.lora)
+        model.lora_settings["base_model"] = cfg.model  # written to adapter_config.json
+    return model

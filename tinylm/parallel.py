@@ -278,7 +278,7 @@ def full_model_copy(model: torch.nn.Module, cfg: Any, rank: int) -> torch.nn.Mod
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from tinylm.loading import load_model
-    from tinylm.train import apply_adapters
+    from tinylm.objectives import apply_adapters
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank != 0:

@@ -37,6 +37,7 @@ from typing import Any, NoReturn
 
 import torch
 
+from tinylm import deepspeed_zero
 from tinylm.checkpoint import (
     checkpoint_step,
     latest_checkpoint,
@@ -48,8 +49,10 @@ from tinylm.checkpoint import (
 )
 from tinylm.hf_compat import enable_checkpointing
 from tinylm.metrics import MetricsLogger, peak_memory_mb, progress_line
+from tinylm.objectives import apply_adapters, count_tokens, to_device
 from tinylm.parallel import (
     agree,
+    forward_is_collective,
     grad_norm_and_clip,
     init_process_group,
     is_fsdp,
@@ -213,31 +216,6 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int, time_progress: float = 
     return min_lr + 0.5 * (cfg.lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-def count_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Non-padding input tokens in a batch (all attention masks, or all input ids when unpadded)."""
-    if isinstance(batch.get("n_tokens"), int):
-        return batch["n_tokens"]
-    masks = [v for k, v in batch.items() if k.endswith("attention_mask")]
-    if masks:
-        return int(sum(int(m.sum()) for m in masks))
-    return int(sum(v.numel() for k, v in batch.items() if k.endswith("input_ids")))
-
-
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    nb = device.type == "cuda"
-    return {k: v.to(device, non_blocking=nb) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def apply_adapters(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
-    """LoRA / QLoRA hook: freezes the model and adds adapters when cfg.lora.enabled (tinylm/lora.py)."""
-    if cfg.lora.enabled:
-        from tinylm.lora import apply_lora, check_base_model  # post-training module
-        check_base_model(cfg.model)  # a preset is re-drawn on every load: the adapter would lose its base
-        model = apply_lora(model, cfg.lora)
-        model.lora_settings["base_model"] = cfg.model  # written to adapter_config.json
-    return model
-
-
 def accumulate_gradients(objective: Any, model: torch.nn.Module, batches: Any, n_micro: int,
                          device: torch.device, amp: Any = contextlib.nullcontext, scaler: Any = None,
                          micro_scale: float = 1.0, ddp: bool = False) -> tuple[torch.Tensor, dict, float]:
@@ -360,6 +338,7 @@ class Run:
     total_steps: int                     # 0 = until the time budget
     budget_s: float                      # 0 = no time budget
     logger: Any
+    engine: Any = None                   # parallel=deepspeed: the DeepSpeed engine (tinylm/deepspeed_zero.py)
 
 
 @dataclass
@@ -442,12 +421,13 @@ def setup(cfg: TrainConfig, objective: Any, log: Any) -> tuple[Run, Loop]:
     model, tokenizer, objective = build_model(cfg, objective, device)
     model = shard_model(model, cfg, device, world)  # parallel=fsdp: FSDP2 in place (tinylm/parallel.py)
     optimizer = shard_optimizer(build_optimizer(model, cfg, device), cfg, world)  # parallel=zero1
+    engine = deepspeed_zero.wrap(model, optimizer, cfg) if deepspeed_zero.uses_deepspeed(cfg, world) else None
     autocast_dtype, use_scaler = autocast_settings(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    loop, data_state = restore(resume_from, model, optimizer, scaler, say)
+    loop, data_state = restore(resume_from, model, optimizer, scaler, say, engine)
 
-    fwd_model: torch.nn.Module = model
-    if world > 1 and not is_fsdp(model):
+    fwd_model: torch.nn.Module = model if engine is None else engine
+    if world > 1 and not is_fsdp(model) and engine is None:
         fwd_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
@@ -469,7 +449,7 @@ def setup(cfg: TrainConfig, objective: Any, log: Any) -> tuple[Run, Loop]:
               is_moe=callable(getattr(model, "update_expert_bias", None))
               and bool(getattr(model.config, "num_experts", 0)),
               train_it=train_it, train_stream=iter(train_it), total_steps=total_steps,
-              budget_s=cfg.time_budget_min * 60.0, logger=logger)
+              budget_s=cfg.time_budget_min * 60.0, logger=logger, engine=engine)
     return run, loop
 
 
@@ -493,12 +473,17 @@ def build_model(cfg: TrainConfig, objective: Any, device: torch.device) -> tuple
 
 
 def restore(resume_from: Path | None, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            scaler: torch.amp.GradScaler, say: Callable[..., Any]) -> tuple[Loop, Any]:
+            scaler: torch.amp.GradScaler, say: Callable[..., Any], engine: Any = None) -> tuple[Loop, Any]:
     """Weights, optimizer, RNG, GradScaler and counters from a checkpoint (fresh counters without one).
     Also returns the saved data-iterator position, or None."""
     if resume_from is None:
         return Loop(), None
-    if is_sharded_checkpoint(resume_from):  # parallel=fsdp, saved at any world size
+    if engine is not None or deepspeed_zero.is_deepspeed_checkpoint(resume_from):
+        if engine is None or not deepspeed_zero.is_deepspeed_checkpoint(resume_from):
+            raise ValueError(f"resume={resume_from}: parallel=deepspeed checkpoints resume with parallel=deepspeed "
+                             "(same world size) only, and parallel=deepspeed resumes only from them")
+        state = deepspeed_zero.load(resume_from, engine, torch.distributed.get_world_size())
+    elif is_sharded_checkpoint(resume_from):  # parallel=fsdp, saved at any world size
         state = load_sharded(resume_from, model, optimizer)
     elif is_fsdp(model):
         raise ValueError(f"resume={resume_from}: parallel=fsdp resumes from sharded checkpoints only; "
@@ -539,9 +524,13 @@ def train_step(run: Run, loop: Loop) -> Step:
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     batches = (next(run.train_stream) for _ in range(cfg.grad_accum))
-    stats, extra, data_s = accumulate_gradients(run.objective, run.fwd_model, batches, cfg.grad_accum, run.device,
-                                                run.amp, run.scaler, run.micro_scale,
-                                                ddp=run.world > 1 and not is_fsdp(run.model))
+    if run.engine is not None:  # parallel=deepspeed: its engine owns backward (tinylm/deepspeed_zero.py)
+        stats, extra, data_s = deepspeed_zero.accumulate_gradients(run.objective, run.engine, batches, cfg.grad_accum,
+                                                                   run.device, run.amp, run.micro_scale)
+    else:
+        stats, extra, data_s = accumulate_gradients(run.objective, run.fwd_model, batches, cfg.grad_accum,
+                                                    run.device, run.amp, run.scaler, run.micro_scale,
+                                                    ddp=run.world > 1 and not is_fsdp(run.model))
     loop.win_data += data_s
     stats[3] = float(run.budget_s > 0 and elapsed >= run.budget_s)
     if run.world > 1:
@@ -553,6 +542,8 @@ def train_step(run: Run, loop: Loop) -> Step:
         return Step("out_of_time")
     if n_total == 0:
         run.optimizer.zero_grad(set_to_none=True)
+        if run.engine is not None:  # DeepSpeed counts micro-steps: close the step (a zero gradient)
+            deepspeed_zero.finish_step(run.engine, 1.0, 1, 1.0)
         run.say(f"warning: step {loop.step + 1} had no supervised items (all labels -100); skipped")
         loop.step += 1
         return Step("skipped")
@@ -574,6 +565,11 @@ def apply_update(run: Run, n_total: float, loss: float, at_step: int, lr: float)
     fp16: GradScaler skips a step whose gradients overflowed and lowers its scale; that is routine,
     not divergence, so it is reported as an overflow instead of stopping on an infinite norm.
     """
+    if run.engine is not None:  # parallel=deepspeed: its engine scales, clips and steps
+        grad_norm = deepspeed_zero.finish_step(run.engine, n_total, run.world, run.micro_scale)
+        if run.is_moe:
+            run.model.update_expert_bias()
+        return grad_norm, False
     run.scaler.unscale_(run.optimizer)
     grad_norm = finish_gradients(run.params, n_total, run.world, run.micro_scale, run.cfg.grad_clip)
     if not math.isfinite(grad_norm) and not run.use_scaler:
@@ -608,7 +604,7 @@ def log_step(run: Run, loop: Loop, step: Step, done: bool) -> None:
     if not (loop.step % run.cfg.log_every == 0 or done or loop.step == 1):
         return
     if loop.step == 1 and run.world > 1:  # memory per rank, once (every rank takes part)
-        mem = memory_report(run.model, run.optimizer, run.world)
+        mem = memory_report(run.model, run.optimizer, run.world, run.engine)
         run.say("memory per rank (param/grad/optim MB, peak RSS MB): " + " | ".join(
             f"{m['param_bytes'] / 2**20:.1f}/{m['grad_bytes'] / 2**20:.1f}/{m['optim_bytes'] / 2**20:.1f}, "
             f"{m['peak_rss_mb']:.0f}" for m in mem))
@@ -641,7 +637,7 @@ def side_work(run: Run, loop: Loop, done: bool) -> None:
     t_side = time.time()
     if (cfg.eval_every and step % cfg.eval_every == 0) or done:
         validate(run, loop)
-    if (run.master or is_fsdp(run.model)) and cfg.sample_prompts and (  # FSDP2: forward on every rank
+    if (run.master or forward_is_collective(run.model)) and cfg.sample_prompts and (  # FSDP2/ZeRO-3: all ranks
             (cfg.sample_every and step % cfg.sample_every == 0) or done):
         for prompt, text in generate_samples(run.objective, run.model, run.tokenizer, cfg, run.device,
                                              run.autocast_dtype):
@@ -666,7 +662,7 @@ def validate(run: Run, loop: Loop) -> None:
             if run.cfg.keep_best:  # survives keep_last's pruning (overfitting runs); rank 0 writes
                 save_model_dir(run.model, run.tokenizer, run.out_dir, run.cfg, run.rank, "best",
                                {"step": loop.step, "val_loss": val})
-    if (run.master or is_fsdp(run.model)) and hasattr(run.objective, "validation_metrics"):
+    if (run.master or forward_is_collective(run.model)) and hasattr(run.objective, "validation_metrics"):
         vm = run.objective.validation_metrics(run.model)
         if vm:
             run.say(f"step {loop.step} | " + " | ".join(f"{k} {v:.4f}" for k, v in vm.items()))
@@ -681,6 +677,9 @@ def save(run: Run, loop: Loop) -> None:
     state = {"step": loop.step, "tokens_seen": loop.tokens_seen, "elapsed_s": loop.elapsed(),
              "data": run.train_it.state_dict(), "scaler": run.scaler.state_dict() if run.use_scaler else {},
              "total_steps": run.total_steps, "world_size": run.world, "best_val": loop.best_val}
+    if run.engine is not None:  # every rank writes its ZeRO partitions
+        deepspeed_zero.save(run.out_dir, loop.step, run.engine, state, run.config_yaml, run.cfg.keep_last, run.rank)
+        return
     if run.cfg.parallel == "fsdp":
         save_sharded(run.out_dir, loop.step, run.model, run.optimizer, state, run.config_yaml, run.cfg.keep_last,
                      run.rank, run.world)

@@ -256,6 +256,20 @@ class FSDPConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    """DeepSpeed settings for `parallel: deepspeed` (tinylm/deepspeed_zero.py, docs/distributed.md).
+
+    Args:
+        stage: ZeRO stage: 1 (optimizer state sharded), 2 (+ gradients), 3 (+ weights).
+        config: Extra DeepSpeed config keys passed through (e.g. {offload_optimizer: ...} inside
+            zero_optimization); batch size, accumulation, clipping and the optimizer come from tinylm.
+    """
+
+    stage: int = 2
+    config: dict = field(default_factory=dict)
+
+
+@dataclass
 class VisionConfig:
     """Vision-language model settings (stage `vlm`; tinylm/vision.py, docs/vision.md).
 
@@ -323,10 +337,12 @@ class TrainConfig:
         grad_checkpointing: Recompute activations in the backward pass (less memory, ~30% slower).
         grad_clip: Clip the global gradient norm to this value (0 = off).
         parallel: Multi-process training under torchrun (docs/distributed.md): "ddp" (every rank holds
-            everything), "zero1" (DDP + optimizer state sharded, ZeroRedundancyOptimizer) or "fsdp"
+            everything), "zero1" (DDP + optimizer state sharded, ZeroRedundancyOptimizer), "deepspeed"
+            (DeepSpeed ZeRO `deepspeed.stage`; optional dependency) or "fsdp"
             (FSDP2: weights, gradients and optimizer state sharded; sharded checkpoints that resume at
             any world size). One process: the same loop, no sharding.
         fsdp: FSDP2 settings (ZeRO-2 vs ZeRO-3, bf16 mixed precision, CPU offload).
+        deepspeed: `parallel: deepspeed` settings (ZeRO stage, config passthrough; tinylm/deepspeed_zero.py).
         dist_timeout_min: A collective that waits longer than this (a dead or hung rank) fails the run.
         seed: Seed for model init, data order and dropout.
         device: "auto", "cpu", "cuda", "cuda:1", "mps". Under torchrun each rank uses cuda:LOCAL_RANK.
@@ -377,6 +393,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     parallel: str = "ddp"
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     dist_timeout_min: float = 10.0
     seed: int = 1337
     device: str = "auto"
@@ -409,7 +426,10 @@ class TrainConfig:
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
         need(self.max_steps > 0 or self.epochs > 0 or self.time_budget_min > 0,
              "set one of max_steps, epochs or time_budget_min")
-        need(self.parallel in ("ddp", "zero1", "fsdp"), f"parallel={self.parallel!r} not in ddp|zero1|fsdp")
+        need(self.parallel in ("ddp", "zero1", "fsdp", "deepspeed"),
+             f"parallel={self.parallel!r} not in ddp|zero1|fsdp|deepspeed")
+        need(self.deepspeed.stage in (1, 2, 3), f"deepspeed.stage must be 1, 2 or 3, got {self.deepspeed.stage}")
+        need(isinstance(self.deepspeed.config, dict), "deepspeed.config must be a mapping")
         need(self.dist_timeout_min > 0, f"dist_timeout_min must be > 0, got {self.dist_timeout_min}")
         need(self.dtype in ("auto", "fp32", "bf16", "fp16"), f"dtype={self.dtype!r} not in auto|fp32|bf16|fp16")
         need(self.report_to in ("none", "tensorboard", "wandb"),
