@@ -50,6 +50,24 @@ def load_for_inference(spec: str, lora: str | None = None, dtype: str | None = "
     return model.eval(), tok
 
 
+def load_draft(spec: str, target, tokenizer, dtype: str | None = "auto", device: str | None = None):
+    """Load `--draft` and check that it shares the target's tokenizer (same vocabulary); `--draft mtp`:
+    self-speculation with the target's own MTP module."""
+    if spec == "mtp":
+        if not getattr(target, "mtp", None):
+            raise ValueError("--draft mtp: the model has no MTP modules (train it with mtp_depth >= 1)")
+        return "mtp"
+
+    draft, draft_tok = load_for_inference(spec, None, dtype, device)
+    if draft_tok.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"--draft {spec}: its tokenizer differs from the target's (speculative decoding "
+                         "needs the same token ids)")
+    from tinylm.speculative import check_pair
+
+    check_pair(target, draft)
+    return draft
+
+
 def enable_yarn(model, factor: float):
     """Run a tinylm model at `factor` x its trained context with YaRN (inference only); returns it.
 
@@ -275,7 +293,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             for k, idx in by_k.items():  # choice k of n uses seed + k
                 p = replace(params, seed=None if params.seed is None else params.seed + k)
                 if args.draft:  # speculative decoding (tinylm/speculative.py), one prompt at a time
-                    from tinylm.speculative import generate_speculative, load_draft
+                    from tinylm.speculative import generate_speculative
 
                     draft = draft or load_draft(args.draft, model, tok, args.dtype, args.device)
                     outs, st = generate_speculative(model, draft, tok, [chunk[j][0] for j in idx], p, args.draft_k)

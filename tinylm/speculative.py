@@ -242,21 +242,3 @@ def generate_speculative(target, draft, tokenizer, prompts: list[list[dict]] | l
             setattr(total, f, getattr(total, f) + getattr(st, f))
         out.append(Completion(seq.content, seq.reasoning, seq.output_ids, len(ids), seq.finish_reason or "stop"))
     return out, total
-
-
-def load_draft(spec: str, target, tokenizer, dtype: str | None = "auto", device: str | None = None):
-    """Load `--draft` and check that it shares the target's tokenizer (same vocabulary); `--draft mtp`:
-    self-speculation with the target's own MTP module."""
-    from tinylm.chat import load_for_inference
-
-    if spec == "mtp":
-        if not getattr(target, "mtp", None):
-            raise ValueError("--draft mtp: the model has no MTP modules (train it with mtp_depth >= 1)")
-        return "mtp"
-
-    draft, draft_tok = load_for_inference(spec, None, dtype, device)
-    if draft_tok.get_vocab() != tokenizer.get_vocab():
-        raise ValueError(f"--draft {spec}: its tokenizer differs from the target's (speculative decoding "
-                         "needs the same token ids)")
-    check_pair(target, draft)
-    return draft
