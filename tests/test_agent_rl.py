@@ -54,7 +54,7 @@ def test_final_answer_and_rewards():
                                 answer=["391", "391", "2024-03-06"]) == [1.0, 0.0, 1.0]
     bad = traj.replace('"expression"', "expression")
     err = traj.replace("\n391\n", "\nerror: division by zero\n")
-    assert tool_format_reward([], [traj, bad, err, cut]) == [1.0, 0.0, 0.0, 0.0]
+    assert tool_format_reward([], [traj, bad, err, cut, "391<|im_end|>"]) == [1.0, 0.0, 0.0, 0.0, 0.0]
 
 
 def _scripted_sample(tok, turn1: str, turn2: str):

@@ -173,7 +173,7 @@ def test_reasoning_content_and_enable_thinking(tok):
         assert msg.tool_calls[0].function.name == "calculator" and r.choices[0].finish_reason == "tool_calls"
         client.chat.completions.create(model="tool-test", messages=ASK,
                                        extra_body={"chat_template_kwargs": {"enable_thinking": False}})
-        assert tok.decode(lm.prompts[-1]).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+        assert tok.decode(lm.prompts[-1]).endswith("<|im_start|>assistant\n<think>\n\n</think>\n")
         assert lm.prompts[-1] == render_prompt(tok, ASK, enable_thinking=False)
         bad = httpx.post(srv.url + "/v1/chat/completions",
                          json={"messages": ASK, "chat_template_kwargs": {"enable_thinking": "no"}})

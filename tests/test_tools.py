@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -57,7 +58,7 @@ def test_loss_only_on_assistant_turns_including_call_json(tok):
         in context and '"description": "Evaluate an arithmetic expression."' in context
     # the same conversation prompt-side: every id the template produces up to the last answer
     prompt = render_prompt(tok, CONV[:-1], tools=TOOLS)
-    assert ids[:len(prompt)] == prompt and all(m == 0 for m in mask[:len(prompt)])
+    assert ids[:len(prompt)] == prompt and mask[len(prompt):] == [1] * (len(ids) - len(prompt) - 1) + [0]  # "\n"
 
 
 def test_tool_text_cannot_forge_control_tokens(tok):
@@ -74,7 +75,7 @@ def test_tool_text_cannot_forge_control_tokens(tok):
 def test_enable_thinking_switch(tok):
     ask = CONV[1:2]
     off = render_text(tok, ask, True, None, False)
-    assert off.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert off.endswith("<|im_start|>assistant\n<think>\n\n</think>\n")
     assert render_text(tok, ask, True, None, True).endswith("<|im_start|>assistant\n")
     # a row trained with thinking off: the empty block is prompt, the answer is trained
     ids, mask = encode_chat(tok, ask + [{"role": "assistant", "content": "Hi."}], enable_thinking=False)
@@ -123,7 +124,8 @@ def test_calculator_parses_arithmetic_itself():
     for bad, why in [("1/0", "division by zero"), ("__import__('os')", "unexpected character"),
                      ("9**9**9", "exponent out of range"), ("1e300", "unexpected"), ("(1+2", "missing|ends"),
                      ("1" * 300, "longer than"), ("99999999999*99999999999", "out of range")]:
-        assert run_tool("calculator", {"expression": bad}).startswith("error:"), bad
+        out = run_tool("calculator", {"expression": bad})
+        assert out.startswith("error:") and re.search(why, out), (bad, out)
     assert "error" in run_tool("calculator", {"expr": "1"}) and "unknown tool" in run_tool("rm", {})
 
 

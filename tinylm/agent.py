@@ -177,3 +177,40 @@ def _advance(tokenizer, t: Trajectory, out: list[int], eos_ids: tuple[int, ...],
 def trajectory_text(tokenizer, t: Trajectory) -> str:
     """The trajectory as text with a final `<|im_start|>assistant\\n{answer}` turn that rewards can read."""
     return tokenizer.decode(t.ids, skip_special_tokens=False)
+
+
+def chat_with_tools(model, tokenizer, args) -> int:
+    """`tinylm chat MODEL --tools all [--prompt TEXT]`: each answer runs the tool loop, printing the calls."""
+    import json
+    import sys
+
+    names = None if args.tools == "all" else [n.strip() for n in args.tools.split(",") if n.strip()]
+    specs(names)  # unknown names: one clear error before anything runs
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+
+    def show(m: dict) -> None:
+        if m["role"] == "tool":
+            print(f"  [{m['name']} -> {m['content']}]")
+        for c in m.get("tool_calls") or []:
+            print(f"  [call {c['function']['name']}({c['function']['arguments']})]")
+        if m["role"] == "assistant" and m.get("content"):
+            print(m["content"])
+
+    def ask(text: str) -> None:
+        res = run_agent(model, tokenizer, history + [{"role": "user", "content": text}], names, args.max_turns,
+                        max_new_tokens=args.max_new_tokens, temperature=args.temperature, on_event=show)
+        if not res.finished:
+            print(f"(stopped after {args.max_turns} turns)")
+        history[:] = res.messages
+
+    if args.prompt is not None:
+        ask(args.prompt)
+        return 0
+    print(f"tinylm chat with tools {json.dumps(names or list(TOOLS))}; /exit to quit")
+    for line in sys.stdin if not sys.stdin.isatty() else iter(lambda: input(">>> "), None):
+        text = line.strip()
+        if text in ("/exit", "/quit"):
+            break
+        if text:
+            ask(text)
+    return 0

@@ -73,6 +73,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
     h.update((backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))).encode())
     h.update(str(getattr(tokenizer, "chat_template", "")).encode())
     h.update(str(getattr(tokenizer, "eos_token", "")).encode())
+    from tinylm.tool_format import TOOL_TEMPLATE  # renders tool rows of ChatML tokenizers (tool_format.py)
+
+    h.update(TOOL_TEMPLATE.encode())
     return h.hexdigest()
 
 

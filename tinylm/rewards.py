@@ -97,15 +97,17 @@ def tool_accuracy_reward(prompts: list[str], completions: list[str], answer: lis
 
 
 def tool_format_reward(prompts: list[str], completions: list[str], **kw) -> list[float]:
-    """1.0 when every <tool_call> block is valid JSON naming a function, no tool returned an error, and
-    the trajectory ends with a final answer; else 0.0."""
+    """1.0 when the trajectory called a tool, every <tool_call> block is valid JSON naming a function, no
+    tool returned an error, and it ends with a final answer; else 0.0. (Without "called a tool" a policy
+    learns to skip the tools and answer at once: a first agentic-RL run did exactly that, docs/tools.md.)"""
     from tinylm.tool_calls import split_tool_calls
 
     out = []
     for c in completions:
         turns = c.split("<|im_start|>assistant\n")
         bad = any("<tool_call>" in split_tool_calls(t.split("<|im_end|>")[0])[0] for t in turns)
-        out.append(0.0 if bad or "error:" in c or not final_answer(c) else 1.0)
+        called = "<tool_response>" in c
+        out.append(0.0 if bad or not called or "error:" in c or not final_answer(c) else 1.0)
     return out
 
 

@@ -9,9 +9,12 @@ and transformers' `apply_chat_template(tools=...)` all read an exported model th
     <|im_start|>assistant\\n{content}\\n<tool_call>\\n{"name": "f", "arguments": {...}}\\n</tool_call><|im_end|>
     <|im_start|>user\\n<tool_response>\\n{result}\\n</tool_response><|im_end|>     (consecutive results share a turn)
 
-`enable_thinking=False` (Qwen3's switch) closes an empty `<think>\\n\\n</think>\\n\\n` block at the start of
+`enable_thinking=False` (Qwen3's switch) closes an empty `<think>\\n\\n</think>\\n` block at the start of
 every assistant turn that has no reasoning, including the generation prompt: the model answers
 directly, and training rows with the switch off teach exactly that prefix (mixed with thinking rows).
+One newline after `</think>`, not Qwen3's two: byte-level BPE makes "\\n\\n" one token at the end of a
+prompt but splits it before the answer's first word, so the inference prompt would not be a prefix of
+the training tokens (tested); one newline tokenizes the same both ways, as tinylm's reasoning format.
 
 TOOL_TEMPLATE renders a conversation without tools, tool calls or the switch byte-identically to
 tinylm's ChatML template (tested), so it can replace it in a tool model's tokenizer_config.json.
@@ -49,7 +52,7 @@ TOOL_TEMPLATE = (
     "{%- if message['role'] == 'assistant' and message['reasoning_content'] is defined"
     " and message['reasoning_content'] %}"
     "{{- '<think>\\n' + message['reasoning_content'] + '\\n</think>\\n' }}"
-    "{%- elif message['role'] == 'assistant' and think_off %}{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- elif message['role'] == 'assistant' and think_off %}{{- '<think>\\n\\n</think>\\n' }}"
     "{%- endif %}"
     "{{- message['content'] if message['content'] is string else '' }}"
     "{%- if message['role'] == 'assistant' and message['tool_calls'] is defined and message['tool_calls'] %}"
@@ -65,7 +68,7 @@ TOOL_TEMPLATE = (
     "{%- endif %}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
-    "{%- if think_off %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- if think_off %}{{- '<think>\\n\\n</think>\\n' }}{%- endif %}"
     "{%- endif %}"
 )
 
