@@ -130,7 +130,7 @@ def agent_rollout(model, tokenizer, prompts: list[list[dict]], tool_names: list[
     that ends with <|im_end|> and holds tool calls gets the results appended and continues.
     """
     from tinylm.chat_format import render_prompt
-    from tinylm.grpo import sample
+    from tinylm.sampler import sample
 
     trajs = []
     for p, names in zip(prompts, tool_names):

@@ -22,7 +22,7 @@ def tool_rollout(model, tokenizer, rows: list[dict], group_size: int, max_new_to
                  ) -> tuple[list[list[int]], list[list[int]], list[str], torch.Tensor]:
     """G trajectories per row -> (prompt ids, completion ids, trajectory texts, keep (B, C)), where keep
     is 1 on tokens the model sampled and 0 on inserted tool-result tokens and padding."""
-    from tinylm.grpo import eos_ids_of, prompt_messages
+    from tinylm.sampler import eos_ids_of, prompt_messages
 
     eos = eos_ids_of(model, tokenizer)
     prompts = [prompt_messages(r) for r in rows for _ in range(group_size)]
@@ -46,8 +46,8 @@ def tool_accuracy(model, tokenizer, rows: list[dict], tools: list[str], max_turn
                   max_new_tokens: int = 64, batch: int = 16) -> dict[str, float]:
     """Greedy held-out tool-task accuracy: the fraction of rows whose final answer is right, the fraction
     with a well-formed trajectory, and the mean number of tool calls."""
-    from tinylm.grpo import eos_ids_of, prompt_messages
     from tinylm.rewards import tool_accuracy_reward, tool_format_reward
+    from tinylm.sampler import eos_ids_of, prompt_messages
 
     eos = eos_ids_of(model, tokenizer)
     acc, fmt, calls = [], [], []
@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m tinylm.agent_rl MODEL data/tools/test_prompts.jsonl`: held-out tool-task accuracy (greedy)."""
     import argparse
 
-    from tinylm.grpo import load_prompts
     from tinylm.loading import load_model
+    from tinylm.sampler import load_prompts
     from tinylm.tools import TOOLS
 
     ap = argparse.ArgumentParser(prog="python -m tinylm.agent_rl", description=main.__doc__)

@@ -23,9 +23,9 @@ Reasoning (`reasoning_content`, see formats.py) is rendered inline as
 
 from __future__ import annotations
 
+from tinylm import tool_format
+from tinylm.chatml import _chatml_text, _mask_from_spans, is_chatml  # noqa: F401 (is_chatml: re-exported)
 from tinylm.special_tokens import encode_marked, literals_in, template_literals
-
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 
 
 def with_inline_reasoning(messages: list[dict]) -> list[dict]:
@@ -38,60 +38,6 @@ def with_inline_reasoning(messages: list[dict]) -> list[dict]:
             m["content"] = f"<think>\n{r}\n</think>\n{m.get('content') or ''}"
         out.append(m)
     return out
-
-
-def _chatml_text(messages: list[dict], add_generation_prompt: bool,
-                 untrusted: list[tuple[int, int]] | None = None) -> tuple[str, list[tuple[int, int]]]:
-    """ChatML text and the (start, end) char spans of each assistant answer incl. <|im_end|>.
-    The spans of message text (reasoning, content) are appended to `untrusted` when given."""
-    parts, spans, n = [], [], 0
-    for m in messages:
-        head = f"{IM_START}{m['role']}\n"
-        r, content = m.get("reasoning_content"), m.get("content") or ""
-        think = f"<think>\n{r}\n</think>\n" if r else ""
-        body = f"{think}{content}{IM_END}"
-        start = n + len(head)
-        if m["role"] == "assistant":
-            spans.append((start, start + len(body)))
-        if untrusted is not None:
-            if r:
-                untrusted.append((start + len("<think>\n"), start + len("<think>\n") + len(r)))
-            untrusted.append((start + len(think), start + len(think) + len(content)))
-        piece = head + body + "\n"
-        parts.append(piece)
-        n += len(piece)
-    if add_generation_prompt:
-        parts.append(f"{IM_START}assistant\n")
-    return "".join(parts), spans
-
-
-def is_chatml(tokenizer) -> bool:
-    """True when the tokenizer's template renders plain ChatML (cached on the tokenizer, per template)."""
-    template = getattr(tokenizer, "chat_template", None)
-    cached = getattr(tokenizer, "_tinylm_is_chatml", None)
-    if cached is not None and cached[0] == template:
-        return cached[1]
-    vocab = tokenizer.get_vocab()
-    ok = IM_START in vocab and IM_END in vocab
-    if ok and getattr(tokenizer, "chat_template", None):
-        probes = [
-            [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}],
-            [{"role": "system", "content": "S"}, {"role": "user", "content": "a"},
-             {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
-        ]
-        try:
-            for p in probes:
-                for gen in (False, True):
-                    want = _chatml_text(p, gen)[0]
-                    if tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=gen) != want:
-                        ok = False
-        except Exception:
-            ok = False
-    try:
-        tokenizer._tinylm_is_chatml = (template, ok)
-    except Exception:
-        pass
-    return ok
 
 
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
@@ -113,20 +59,6 @@ def _template_spans(tokenizer, messages: list[dict], first: int, full: str) -> l
         end = len(upto.rstrip())  # keep the end-of-turn token, drop the newline after it
         spans.append((len(before), max(end, len(before))))
     return spans
-
-
-def _mask_from_spans(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
-    mask = [0] * len(offsets)
-    j = 0
-    for t, (s, e) in enumerate(offsets):
-        while j < len(spans) and spans[j][1] <= s:
-            j += 1
-        if j == len(spans):
-            break
-        a, b = spans[j]
-        if (s < b and e > a) or (s == e and a <= s < b):
-            mask[t] = 1
-    return mask
 
 
 def _uses_chatml(tokenizer, messages: list[dict]) -> bool:
@@ -171,8 +103,6 @@ def encode_chat(tokenizer, messages: list[dict], max_len: int | None = None,
     their end-of-turn token, every assistant turn). Truncated on the right to max_len.
     Special-token strings inside messages stay plain text unless listed in `allow`.
     Tools, tool calls/results and the thinking switch: tool_format.py."""
-    from tinylm import tool_format
-
     if tool_format.needs_tool_path(messages, tools, enable_thinking):
         return tool_format.encode(tokenizer, messages, tools, enable_thinking, 0, max_len, allow)
     return _encode(tokenizer, messages, 0, max_len, allow)
@@ -189,8 +119,6 @@ def render_prompt(tokenizer, messages: list[dict], add_generation_prompt: bool =
                   tools: list | None = None, enable_thinking: bool | None = None) -> list[int]:
     """Token ids the model sees at inference, ending with the assistant header when
     add_generation_prompt (same tokenization as training). Message text never becomes a control token."""
-    from tinylm import tool_format
-
     if tool_format.needs_tool_path(messages, tools, enable_thinking):
         return tool_format.render_ids(tokenizer, messages, tools, enable_thinking, add_generation_prompt)
     text, _, literals = _render_with_literals(tokenizer, messages, add_generation_prompt, frozenset())

@@ -39,23 +39,13 @@ from starlette.requests import Request  # module level: FastAPI resolves handler
 from starlette.responses import Response
 
 from tinylm import __version__, server_tools
+from tinylm.api_error import APIError
 from tinylm.chat_format import render_prompt
 from tinylm.generate import SamplingParams
 from tinylm.special_tokens import encode_text
 
 WEB_DIR = Path(__file__).parent / "web"
 ROLES = {"system", "developer", "user", "assistant", "tool"}
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import json
 
+from tinylm.api_error import APIError
 from tinylm.tool_calls import OPEN, ToolCallStream
 
 
-def _error(message: str, param: str):
-    from tinylm.server import APIError
-
+def _error(message: str, param: str) -> APIError:
     return APIError(400, message, param=param)
 
 

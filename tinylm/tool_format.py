@@ -82,7 +82,7 @@ def needs_tool_path(messages: list[dict], tools: list | None, enable_thinking: b
 def template_for(tokenizer) -> str | None:
     """The template to render tool conversations with: TOOL_TEMPLATE for a ChatML tokenizer (whatever
     ChatML variant it stores), else the tokenizer's own (Qwen3, SmolLM3, ... know tools themselves)."""
-    from tinylm.chat_format import is_chatml
+    from tinylm.chatml import is_chatml
 
     return TOOL_TEMPLATE if is_chatml(tokenizer) else None
 
@@ -136,7 +136,7 @@ def encode(tokenizer, messages: list[dict], tools: list | None = None, enable_th
            ) -> tuple[list[int], list[int]]:
     """(ids, loss mask) of a tool conversation: 1 on every assistant turn from message `first` on
     (content, tool-call JSON, end-of-turn token), 0 on the system/tools block, users and tool results."""
-    from tinylm.chat_format import _mask_from_spans
+    from tinylm.chatml import _mask_from_spans
     from tinylm.special_tokens import encode_marked
 
     text = render_text(tokenizer, messages, False, tools, enable_thinking)
@@ -172,7 +172,7 @@ def render_ids(tokenizer, messages: list[dict], tools: list | None = None, enabl
 def install_template(model_dir: str) -> None:
     """Write TOOL_TEMPLATE into `model_dir/tokenizer_config.json` (a ChatML tinylm tokenizer only), so that
     transformers / vLLM / exports render tools exactly as tinylm trained them."""
-    from tinylm.chat_format import is_chatml
+    from tinylm.chatml import is_chatml
     from tinylm.tokenizer import load_tokenizer, make_tokenizer_config_portable
 
     if not is_chatml(load_tokenizer(model_dir)):
