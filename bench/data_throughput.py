@@ -18,7 +18,7 @@ import resource
 import tempfile
 import time
 
-from tinylm.prepare import get_tokenizer, prepare
+from tinylm.data.prepare import get_tokenizer, prepare
 
 
 def make_input(path: str, min_mb: float) -> None:

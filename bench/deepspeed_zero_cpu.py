@@ -25,8 +25,8 @@ def worker(stage: int, out: str) -> None:
     import deepspeed
     import torch
 
-    from tinylm.config import TinyLMConfig
-    from tinylm.model import TinyLMForCausalLM
+    from tinylm.models.config import TinyLMConfig
+    from tinylm.models.model import TinyLMForCausalLM
 
     deepspeed.init_distributed(dist_backend="gloo")
     torch.manual_seed(0)

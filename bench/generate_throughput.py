@@ -14,7 +14,7 @@ on both sides.
 llama.cpp baseline (needs llama-cpp-python): the same random weights exported by `tinylm export
 --format gguf` (f32 and q8_0), run through llama-cpp-python with its defaults (f16 KV cache, as users
 get it), greedy, one `llama_decode` per token; all take turns within each repeat, best of 3. tinylm fp32 is
-compared with llama.cpp f32, tinylm's weight-only int8 decode (`quantize="int8"`, tinylm.fast_decode)
+compared with llama.cpp f32, tinylm's weight-only int8 decode (`quantize="int8"`, tinylm.inference.fast_decode)
 with llama.cpp q8_0; at batch 1 and at batch 16 (llama.cpp: 16 parallel sequences in one context,
 one `llama_decode` of 16 tokens per step, through its raw batch API).
 
@@ -39,10 +39,10 @@ CLOCK = [time.perf_counter]
 def build_models(preset: str, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
-    from tinylm.config import preset_config
-    from tinylm.interop import export
-    from tinylm.model import TinyLMForCausalLM
-    from tinylm.tokenizer import load_tokenizer
+    from tinylm.export.interop import export
+    from tinylm.models.config import preset_config
+    from tinylm.models.model import TinyLMForCausalLM
+    from tinylm.text.tokenizer import load_tokenizer
 
     tok = load_tokenizer()
     torch.manual_seed(0)
@@ -61,7 +61,7 @@ def build_models(preset: str, dtype: torch.dtype):
 
 
 def time_ours(model, tok, batch: int, prompt_len: int, new: int) -> float:
-    from tinylm.generate import SamplingParams, generate
+    from tinylm.inference.generate import SamplingParams, generate
 
     prompts = [[int(t) for t in torch.randint(10, 6000, (prompt_len,))] for _ in range(batch)]
     t0 = CLOCK[0]()
@@ -98,8 +98,8 @@ def load_llamacpp(model, outtype: str, d: str, threads: int):
         import llama_cpp
     except ImportError:
         return None
-    from tinylm.gguf_export import export_gguf
-    from tinylm.tokenizer import load_tokenizer, save_pretrained_portable
+    from tinylm.export.gguf_export import export_gguf
+    from tinylm.text.tokenizer import load_tokenizer, save_pretrained_portable
 
     if not os.path.exists(f"{d}/tinylm/config.json"):
         model.save_pretrained(f"{d}/tinylm")
@@ -175,10 +175,10 @@ class LlamaCppBatch:
 
 def llamacpp_batch_baseline(presets: list[str], batch: int, new: int, repeats: int) -> None:
     """Batch `batch` decode: tinylm (fp32, int8) vs llama.cpp (f32, q8_0) on identical weights, alternating."""
-    from tinylm import fast_decode
-    from tinylm.config import preset_config
-    from tinylm.model import TinyLMForCausalLM
-    from tinylm.tokenizer import load_tokenizer
+    from tinylm.inference import fast_decode
+    from tinylm.models.config import preset_config
+    from tinylm.models.model import TinyLMForCausalLM
+    from tinylm.text.tokenizer import load_tokenizer
 
     threads = torch.get_num_threads()
     print(f"llama.cpp batch {batch}: {threads} thread(s) each, {clock_name()}, best of {repeats}", flush=True)
@@ -212,10 +212,10 @@ def llamacpp_batch_baseline(presets: list[str], batch: int, new: int, repeats: i
 
 def llamacpp_baseline(presets: list[str], new: int, repeats: int) -> None:
     """Batch-1 decode: tinylm fp32 / int8 vs llama.cpp f32 / q8_0 on identical weights, alternating."""
-    from tinylm import fast_decode
-    from tinylm.config import preset_config
-    from tinylm.model import TinyLMForCausalLM
-    from tinylm.tokenizer import load_tokenizer
+    from tinylm.inference import fast_decode
+    from tinylm.models.config import preset_config
+    from tinylm.models.model import TinyLMForCausalLM
+    from tinylm.text.tokenizer import load_tokenizer
 
     threads = torch.get_num_threads()
     print(f"llama.cpp baseline: {threads} thread(s) each, {clock_name()}, best of {repeats}", flush=True)
@@ -257,7 +257,7 @@ def llamacpp_baseline(presets: list[str], new: int, repeats: int) -> None:
 
 
 def prefill_rate(ours, hf, prompt_len: int, repeats: int) -> tuple[float, float]:
-    from tinylm.kv_cache import StaticKVCache
+    from tinylm.models.kv_cache import StaticKVCache
 
     x = torch.randint(10, 6000, (1, prompt_len))
     best_o = best_h = float("inf")
@@ -281,8 +281,8 @@ def server_rate(model, tok, clients: int, new: int) -> float:
     import httpx
     import uvicorn
 
-    from tinylm.engine import Engine
-    from tinylm.server import create_app, free_port, serve_in_main_thread
+    from tinylm.inference.engine import Engine
+    from tinylm.serving.server import create_app, free_port, serve_in_main_thread
 
     body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": new,
             "temperature": 0, "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}

@@ -22,9 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run(model_dir: Path, out: Path, args: argparse.Namespace) -> list[dict]:
-    from tinylm.metrics import read_metrics
     from tinylm.train import train
-    from tinylm.trainconfig import load_config
+    from tinylm.training.metrics import read_metrics
+    from tinylm.training.trainconfig import load_config
 
     cfg = load_config(REPO / "recipes/pretrain.yaml", [
         f"model={model_dir}", f"out_dir={out}", f"max_steps={args.steps}", f"dtype={args.dtype}",
@@ -48,7 +48,7 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from tinylm.interop import export, init_model
+    from tinylm.export.interop import export, init_model
 
     tmp = Path(tempfile.mkdtemp(prefix="tinylm_parity_"))
     init_model("small", tmp / "tinylm", seed=0)

@@ -30,14 +30,14 @@ CONFIGS = ["fp32", "fp32+ckpt", "bf16", "bf16+ckpt", "fp32+logits_ce"]
 def worker(name: str, steps: int, warmup: int, seq: int, batch: int, data: str) -> dict:
     import torch
 
-    from tinylm.config import preset_config
-    from tinylm.dataset import BatchIterator, load_token_dataset
-    from tinylm.hf_compat import enable_checkpointing
-    from tinylm.metrics import peak_memory_mb
-    from tinylm.model import TinyLMForCausalLM
-    from tinylm.objectives import LMObjective, causal_lm_loss_sum
+    from tinylm.data.dataset import BatchIterator, load_token_dataset
+    from tinylm.models.config import preset_config
+    from tinylm.models.hf_compat import enable_checkpointing
+    from tinylm.models.model import TinyLMForCausalLM
     from tinylm.train import accumulate_gradients, build_optimizer, finish_gradients
-    from tinylm.trainconfig import TrainConfig
+    from tinylm.training.metrics import peak_memory_mb
+    from tinylm.training.objectives import LMObjective, causal_lm_loss_sum
+    from tinylm.training.trainconfig import TrainConfig
 
     torch.manual_seed(0)
     model = TinyLMForCausalLM(preset_config("small")).train()

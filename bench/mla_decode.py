@@ -4,11 +4,11 @@
 2. Decode tokens/s of both (random weights: speed does not depend on them) at 1 and 16 rows, with
    a short (64) and a 2k-token context. The cache is filled directly (contents do not change the
    work), so no 2k-token prefill is timed. Both run the reference forward (model.py) with
-   `StaticKVCache`, the path MLA uses; tinylm.fast_decode (GQA only) is switched off for fairness.
+   `StaticKVCache`, the path MLA uses; tinylm.inference.fast_decode (GQA only) is switched off for fairness.
 3. Speculative decoding, greedy, batch 1, on trained models when present: the quickstart SFT model
    with a layer-skip draft (its own first layer + final norm + head, Zhang et al. 2023 "Draft &
    Verify"), and MTP self-speculation with the model trained by bench/mla_mtp_loss.py. Speed-up =
-   plain tinylm.generate time / speculative time on the same prompts; identical tokens are checked.
+   plain tinylm.inference.generate time / speculative time on the same prompts; identical tokens are checked.
 
     OMP_NUM_THREADS=2 python bench/mla_decode.py
 """
@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from tinylm.config import preset_config
-from tinylm.kv_cache import StaticKVCache
-from tinylm.mla import kv_bytes_per_token
-from tinylm.model import TinyLMForCausalLM
+from tinylm.models.config import preset_config
+from tinylm.models.kv_cache import StaticKVCache
+from tinylm.models.mla import kv_bytes_per_token
+from tinylm.models.model import TinyLMForCausalLM
 
 PROMPTS = ["The meaning of life is", "Once upon a time", "从前有一座山，", "The capital of France is"]
 
@@ -76,9 +76,9 @@ def layer_skip_draft(model, n_layers: int):
 
 
 def bench_spec(target_dir: str, draft: str, k: int, max_new: int) -> None:
-    from tinylm.chat import load_for_inference
-    from tinylm.generate import SamplingParams, generate
-    from tinylm.speculative import SpecStats, speculative_generate
+    from tinylm.inference.chat import load_for_inference
+    from tinylm.inference.generate import SamplingParams, generate
+    from tinylm.inference.speculative import SpecStats, speculative_generate
 
     target, tok = load_for_inference(target_dir, dtype="float32", device="cpu")
     label = "mtp_self" if draft == "mtp" else f"layerskip{draft}_k{k}"

@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--plot", default="docs/img/mla_mtp_loss.png")
     ap.add_argument("--skip-train", action="store_true", help="only read the runs' metrics and plot")
     args = ap.parse_args()
-    from tinylm.interop import init_model
+    from tinylm.export.interop import init_model
 
     curves = {}
     for name, (preset, overrides) in RUNS.items():

@@ -26,12 +26,12 @@ REPO = Path(__file__).resolve().parents[1]
 def main() -> None:
     import torch
 
-    from tinylm.config import count_parameters, preset_config
-    from tinylm.dataset import BatchIterator, load_token_dataset
-    from tinylm.model import TinyLMForCausalLM
-    from tinylm.objectives import LMObjective
+    from tinylm.data.dataset import BatchIterator, load_token_dataset
+    from tinylm.models.config import count_parameters, preset_config
+    from tinylm.models.model import TinyLMForCausalLM
     from tinylm.train import accumulate_gradients, build_optimizer, finish_gradients
-    from tinylm.trainconfig import TrainConfig
+    from tinylm.training.objectives import LMObjective
+    from tinylm.training.trainconfig import TrainConfig
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=4)

@@ -27,17 +27,17 @@ REPO = Path(__file__).resolve().parents[1]
 def main() -> None:
     import torch
 
-    from tinylm.config import preset_config
-    from tinylm.dataset import BatchIterator, load_token_dataset
-    from tinylm.model import TinyLMForCausalLM
-    from tinylm.objectives import LMObjective, causal_lm_loss_sum
+    from tinylm.data.dataset import BatchIterator, load_token_dataset
+    from tinylm.models.config import preset_config
+    from tinylm.models.model import TinyLMForCausalLM
     from tinylm.train import (
         accumulate_gradients,
         build_optimizer,
         finish_gradients,
         keep_freed_memory_in_heap,
     )
-    from tinylm.trainconfig import TrainConfig
+    from tinylm.training.objectives import LMObjective, causal_lm_loss_sum
+    from tinylm.training.trainconfig import TrainConfig
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small")

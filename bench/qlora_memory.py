@@ -32,10 +32,10 @@ def run_one(mode: str, steps: int) -> dict:
 
     import torch
 
-    from tinylm.hub import smollm2_dir
-    from tinylm.loading import load_model
-    from tinylm.lora import apply_lora
-    from tinylm.nf4 import nf4_bytes
+    from tinylm.export.hub import smollm2_dir
+    from tinylm.models.loading import load_model
+    from tinylm.models.lora import apply_lora
+    from tinylm.models.nf4 import nf4_bytes
 
     torch.manual_seed(0)
     model, _ = load_model(str(smollm2_dir()), dtype="fp32")

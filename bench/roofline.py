@@ -61,15 +61,15 @@ def kernel_floor(n_tokens: int, batch: int, seq: int, dtype: torch.dtype) -> tup
 
 
 def step_time(which: str, batch: int, seq: int, dtype: str) -> float:
-    from tinylm.objectives import LMObjective
     from tinylm.train import autocast_settings, keep_freed_memory_in_heap
-    from tinylm.trainconfig import TrainConfig
+    from tinylm.training.objectives import LMObjective
+    from tinylm.training.trainconfig import TrainConfig
 
     keep_freed_memory_in_heap()
     torch.manual_seed(0)
     if which == "tinylm":
-        from tinylm.config import TinyLMConfig
-        from tinylm.model import TinyLMForCausalLM
+        from tinylm.models.config import TinyLMConfig
+        from tinylm.models.model import TinyLMForCausalLM
         model = TinyLMForCausalLM(TinyLMConfig(**SHAPE)).train()
     else:
         from transformers import LlamaConfig, LlamaForCausalLM

@@ -26,9 +26,9 @@ import torch
 
 
 def build(preset: str):
-    from tinylm.config import preset_config
-    from tinylm.model import TinyLMForCausalLM
-    from tinylm.tokenizer import load_tokenizer
+    from tinylm.models.config import preset_config
+    from tinylm.models.model import TinyLMForCausalLM
+    from tinylm.text.tokenizer import load_tokenizer
 
     tok = load_tokenizer()
     torch.manual_seed(0)
@@ -38,7 +38,7 @@ def build(preset: str):
 
 def drive(url: str, engine, args: argparse.Namespace, out: dict) -> None:
     """The clients (in this thread's own event loop): warm-up, one client alone, the load, one client again."""
-    from tinylm.server import run_load
+    from tinylm.serving.server import run_load
 
     def alone() -> float:  # best of 3: the machine may be shared
         return max(asyncio.run(run_load(url, clients=1, leave_every=0, max_tokens=args.probe_tokens)).tokens_per_s
@@ -58,8 +58,8 @@ def drive(url: str, engine, args: argparse.Namespace, out: dict) -> None:
 def run(args: argparse.Namespace) -> dict:
     import uvicorn
 
-    from tinylm.engine import Engine
-    from tinylm.server import create_app, free_port, serve_in_main_thread
+    from tinylm.inference.engine import Engine
+    from tinylm.serving.server import create_app, free_port, serve_in_main_thread
 
     model, tok = build(args.preset)
     engine = Engine(model, tok, max_batch=args.max_batch, max_queue=args.clients, max_seq_len=args.max_tokens + 64)

@@ -36,8 +36,8 @@ def build(which: str):
 
     torch.manual_seed(0)
     if which == "tinylm":
-        from tinylm.config import TinyLMConfig
-        from tinylm.model import TinyLMForCausalLM
+        from tinylm.models.config import TinyLMConfig
+        from tinylm.models.model import TinyLMForCausalLM
         return TinyLMForCausalLM(TinyLMConfig(**SHAPE))
     from transformers import LlamaConfig, LlamaForCausalLM
     return LlamaForCausalLM(LlamaConfig(**SHAPE, attn_implementation="sdpa"))
@@ -46,9 +46,7 @@ def build(which: str):
 def worker(args: argparse.Namespace) -> dict:
     import torch
 
-    from tinylm.dataset import BatchIterator, load_token_dataset
-    from tinylm.metrics import peak_memory_mb
-    from tinylm.objectives import LMObjective
+    from tinylm.data.dataset import BatchIterator, load_token_dataset
     from tinylm.train import (
         accumulate_gradients,
         autocast_settings,
@@ -56,7 +54,9 @@ def worker(args: argparse.Namespace) -> dict:
         finish_gradients,
         keep_freed_memory_in_heap,
     )
-    from tinylm.trainconfig import TrainConfig
+    from tinylm.training.metrics import peak_memory_mb
+    from tinylm.training.objectives import LMObjective
+    from tinylm.training.trainconfig import TrainConfig
 
     cfg = TrainConfig(seq_len=args.seq, batch_size=args.batch, lr=3e-4, dtype=args.dtype)
     cfg.data.train = args.data

@@ -39,9 +39,9 @@ def timed(fn, steps: int) -> float:
 
 
 def main() -> None:
-    from tinylm.loading import load_model
-    from tinylm.vision import build_vlm
-    from tinylm.vlm_train import set_trainable, supervised_ce
+    from tinylm.models.loading import load_model
+    from tinylm.models.vision import build_vlm
+    from tinylm.posttrain.vlm_train import set_trainable, supervised_ce
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--tower", default="runs/clip_tower", help="vision tower dir (a random tiny CLIP if absent)")

@@ -52,7 +52,7 @@ def result(op: str, a: int, b: int) -> int:
 
 
 def think_answer(reasoning: str, answer: str) -> str:
-    # same layout as tinylm.reasoning.format_reasoning (kept local so the script runs without the package)
+    # same layout as tinylm.posttrain.reasoning.format_reasoning (kept local so the script runs without the package)
     return f"<think>\n{reasoning}\n</think>\n<answer>\n{answer}\n</answer>"
 
 

@@ -1,4 +1,4 @@
-"""Build the bundled tool-use set in data/tools/ from real computations (tinylm/tools.py).
+"""Build the bundled tool-use set in data/tools/ from real computations (tinylm/inference/tools.py).
 
 Every answer is what the tool really returns: each row's call is executed with the same functions the
 agent loop and agentic RL run, and the final answer quotes that result. Five kinds of task, one tool call
@@ -12,7 +12,7 @@ random order, so that the model must choose: ~60% longer prompts, too slow for t
 Outputs (the held-out split shares no (task, arguments) with the others; its countries are unseen):
   train.jsonl / val.jsonl   SFT rows {"messages", "tools", "enable_thinking"?} (OpenAI format)
   rl_prompts.jsonl          {"prompt", "answer"} for agentic RL (recipes/agent_rl.yaml)
-  test_prompts.jsonl        held-out {"prompt", "answer"}: tool-task accuracy (python -m tinylm.agent_rl)
+  test_prompts.jsonl        held-out {"prompt", "answer"}: tool-task accuracy (python -m tinylm.posttrain.agent_rl)
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from tinylm.tools import COUNTRIES, TOOLS, run_tool  # noqa: E402
+from tinylm.inference.tools import COUNTRIES, TOOLS, run_tool  # noqa: E402
 
 SEED = 2026
 HELD_OUT_COUNTRIES = {"chile", "norway", "kenya"}

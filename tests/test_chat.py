@@ -8,16 +8,16 @@ import pytest
 import torch
 from test_generate import tiny_model
 
-import tinylm.chat as chat
+import tinylm.inference.chat as chat
 from tinylm.cli import main
-from tinylm.generate import SamplingParams, generate, render_chat
+from tinylm.inference.generate import SamplingParams, generate, render_chat
 
 CONTEXT = 96  # small, so a few turns overflow it
 
 
 @pytest.fixture(scope="module")
 def tok():
-    from tinylm.tokenizer import load_tokenizer
+    from tinylm.text.tokenizer import load_tokenizer
 
     return load_tokenizer()
 
@@ -122,7 +122,7 @@ def test_history_trimmed_to_the_context(model_dir, tok, capsys, monkeypatch):
 
 
 def test_lora_adapter_is_applied(model_dir, tok, tmp_path, capsys):
-    from tinylm.lora import apply_lora, lora_modules, save_adapter
+    from tinylm.models.lora import apply_lora, lora_modules, save_adapter
 
     model, _ = chat.load_for_inference(model_dir)
     base_answer = greedy_text(model, tok, [{"role": "user", "content": "Hi"}], 8)

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from tinylm.chat_format import encode_chat, encode_preference, is_chatml, render_prompt
+from tinylm.text.chat_format import encode_chat, encode_preference, is_chatml, render_prompt
 
 MSGS = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a fox."},
         {"role": "assistant", "content": "Reynard."}, {"role": "user", "content": "And a dog?"},
@@ -59,7 +59,7 @@ def test_llama3_template_matches_transformers_assistant_mask(llama3_tok):
     ids, mask = encode_chat(tok, MSGS)
     assert trained_spans(tok, ids, mask) == [a + "<|eot_id|>" for a in ANSWERS]
     # reference: transformers' own assistant-token mask from the {% generation %} blocks
-    from tinylm.chat_format import with_inline_reasoning
+    from tinylm.text.chat_format import with_inline_reasoning
     ref = tok.apply_chat_template(with_inline_reasoning(MSGS), tokenize=True, return_dict=True,
                                   return_assistant_tokens_mask=True)
     assert ids == list(ref["input_ids"])
@@ -85,7 +85,7 @@ def test_smollm2_real_tokenizer():
     assert not is_chatml(tok)
     msgs = MSGS[1:]
     ids, mask = encode_chat(tok, msgs)
-    from tinylm.chat_format import with_inline_reasoning
+    from tinylm.text.chat_format import with_inline_reasoning
     ref = tok.apply_chat_template(with_inline_reasoning(msgs), tokenize=True, return_dict=True)["input_ids"]
     assert ids == list(ref)
     assert trained_spans(tok, ids, mask) == [a + "<|im_end|>" for a in ANSWERS]

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tinylm import clean as cl
-from tinylm.formats import iter_raw, parse_record
+from tinylm.data import clean as cl
+from tinylm.data.formats import iter_raw, parse_record
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 HAN = re.compile("[\u4e00-\u9fff]")
@@ -39,7 +39,7 @@ def run(inputs, out, log=None, **cfg) -> dict:
 
 
 def shingles(text: str) -> set[str]:
-    """Ground truth for "distinct": 5-character shingles, computed independently of tinylm.clean."""
+    """Ground truth for "distinct": 5-character shingles, computed independently of tinylm.data.clean."""
     t = " ".join(text.lower().split())
     return {t[i:i + 5] for i in range(max(1, len(t) - 4))}
 
@@ -356,7 +356,7 @@ def test_idempotent(planted, tmp_path):
 
 def test_cli(tmp_path, monkeypatch, capsys):
     from tinylm import cli
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["tinylm.prepare"])
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["tinylm.data.prepare"])
     src = write_jsonl(tmp_path / "c.jsonl", CHAT + CHAT[:2] + ["not json"])
     out = tmp_path / "out"
     assert cli.main(["data", "clean", src, "--out", str(out), "--write-removed", "--progress-every", "1e-9",

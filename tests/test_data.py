@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from tinylm import prepare as prep
-from tinylm.chat_format import encode_chat, encode_preference, render_prompt
-from tinylm.dataset import BatchIterator, TokenDataset, load_token_dataset
-from tinylm.formats import DataError, ReadStats, detect_format, iter_records
+from tinylm.data import prepare as prep
+from tinylm.data.dataset import BatchIterator, TokenDataset, load_token_dataset
+from tinylm.data.formats import DataError, ReadStats, detect_format, iter_records
+from tinylm.text.chat_format import encode_chat, encode_preference, render_prompt
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<answer>", "</answer>",
             "<tool_call>", "</tool_call>"]
@@ -293,11 +293,11 @@ def test_sft_rows_masks_truncation_pack(tmp_path, tok):
 def test_packed_sft_loss_equals_unpacked(tmp_path, tok):
     """Packing changes speed, not the loss: positions restart and attention stays inside each
     conversation, so every token's loss is the same as in its own unpadded row."""
-    from tinylm.config import TinyLMConfig
-    from tinylm.dataset import collate
-    from tinylm.model import TinyLMForCausalLM
-    from tinylm.objectives import LMObjective
-    from tinylm.trainconfig import TrainConfig
+    from tinylm.data.dataset import collate
+    from tinylm.models.config import TinyLMConfig
+    from tinylm.models.model import TinyLMForCausalLM
+    from tinylm.training.objectives import LMObjective
+    from tinylm.training.trainconfig import TrainConfig
 
     p = write_jsonl(tmp_path / "sft.jsonl", convs(12, seed=3))
     prep.prepare([p], str(tmp_path / "one"), "sft", tok, seq_len=256, log=lambda s: None)
@@ -403,7 +403,7 @@ def test_load_token_dataset_cache(tmp_path, tok):
 @pytest.fixture
 def cli(monkeypatch):
     from tinylm import cli as cli_mod
-    monkeypatch.setattr(cli_mod, "COMMAND_MODULES", ["tinylm.prepare"])  # independent of other modules
+    monkeypatch.setattr(cli_mod, "COMMAND_MODULES", ["tinylm.data.prepare"])  # independent of other modules
     return cli_mod.main
 
 
@@ -430,12 +430,12 @@ def test_cli_check_and_prepare(tmp_path, tok_dir, cli, capsys):
 
 
 def test_bundled_tokenizer_fast_path_matches_its_template():
-    tk = pytest.importorskip("tinylm.tokenizer")
+    tk = pytest.importorskip("tinylm.text.tokenizer")
     try:
         tok = tk.load_tokenizer()
     except Exception as e:  # pragma: no cover - bundled tokenizer not built yet
         pytest.skip(f"bundled tokenizer unavailable: {e}")
-    from tinylm.chat_format import is_chatml, with_inline_reasoning
+    from tinylm.text.chat_format import is_chatml, with_inline_reasoning
     assert is_chatml(tok) and tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"]) == [0, 2]
     msgs = [{"role": "system", "content": "你是助手"}, {"role": "user", "content": "2+2?"},
             {"role": "assistant", "content": "4", "reasoning_content": "add"},
@@ -448,7 +448,7 @@ def test_bundled_tokenizer_fast_path_matches_its_template():
 
 
 def test_txt_long_document_streamed_in_pieces(tmp_path, tok, monkeypatch):
-    import tinylm.formats as formats
+    import tinylm.data.formats as formats
     monkeypatch.setattr(formats, "TXT_PIECE_CHARS", 50)
     d1, d2 = "\n".join(docs(8, seed=1)) + "\n", "\n".join(docs(3, seed=2)) + "\n"
     p = tmp_path / "c.txt"

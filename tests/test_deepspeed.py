@@ -1,4 +1,4 @@
-"""`parallel: deepspeed` (tinylm/deepspeed_zero.py): DeepSpeed ZeRO stages 1, 2 and 3 on 2 gloo ranks
+"""`parallel: deepspeed` (tinylm/training/deepspeed_zero.py): DeepSpeed ZeRO stages 1, 2 and 3 on 2 gloo ranks
 reproduce a 1-process run of the same global batch (the loss scaling gives the loop's token-mean
 gradient); a DeepSpeed checkpoint resumes; final/ is an ordinary model directory.
 
@@ -54,7 +54,7 @@ def test_deepspeed_zero_stages_match_one_process(runs):
 def test_deepspeed_memory_per_rank_is_partitioned(runs):
     """The logged per-rank bytes: every stage splits the fp32 master copy + AdamW moments (3 x 4 bytes per
     parameter) over the 2 ranks; ZeRO-2 also the gradients; ZeRO-3 also the weights."""
-    from tinylm.metrics import read_metrics
+    from tinylm.training.metrics import read_metrics
 
     _, cfgs = runs
 
@@ -98,8 +98,8 @@ def test_deepspeed_final_dirs_load_in_transformers(runs):
 
 def test_deepspeed_config_errors():
     """The loop's own settings cannot be overridden through the passthrough; stages are 1-3."""
-    from tinylm.deepspeed_zero import ds_config
-    from tinylm.trainconfig import TrainConfig
+    from tinylm.training.deepspeed_zero import ds_config
+    from tinylm.training.trainconfig import TrainConfig
 
     cfg = TrainConfig(parallel="deepspeed", batch_size=3, grad_accum=5, grad_clip=0.5, max_steps=1)
     cfg.data.train = "x.jsonl"

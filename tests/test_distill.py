@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tinylm.distill import check_same_vocab, distill_loss
+from tinylm.posttrain.distill import check_same_vocab, distill_loss
 
 
 def _data(seed=0, V=11):
@@ -91,8 +91,8 @@ def test_vocab_checks():
 
 
 def _micro(vocab, seed=0):
-    from tinylm.config import TinyLMConfig
-    from tinylm.model import TinyLMForCausalLM
+    from tinylm.models.config import TinyLMConfig
+    from tinylm.models.model import TinyLMForCausalLM
 
     torch.manual_seed(seed)
     return TinyLMForCausalLM(TinyLMConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -100,9 +100,9 @@ def _micro(vocab, seed=0):
 
 
 def test_objective_with_teacher_dir_and_mismatch_error(tmp_path):
-    from tinylm.distill import DistillObjective
-    from tinylm.tokenizer import load_tokenizer
-    from tinylm.trainconfig import TrainConfig
+    from tinylm.posttrain.distill import DistillObjective
+    from tinylm.text.tokenizer import load_tokenizer
+    from tinylm.training.trainconfig import TrainConfig
 
     tok = load_tokenizer()
     teacher = _micro(len(tok), seed=1)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from tinylm.dpo import dpo_loss, preference_metrics, sequence_logps
+from tinylm.posttrain.dpo import dpo_loss, preference_metrics, sequence_logps
 
 
 def _trl_reference(pc, pr, rc, rr, beta, loss_type, ls=0.0, lc=None, lr=None):
@@ -98,8 +98,8 @@ def test_sequence_logps_matches_gather():
 
 
 def _micro(vocab, seed=0):
-    from tinylm.config import TinyLMConfig
-    from tinylm.model import TinyLMForCausalLM
+    from tinylm.models.config import TinyLMConfig
+    from tinylm.models.model import TinyLMForCausalLM
 
     torch.manual_seed(seed)
     return TinyLMForCausalLM(TinyLMConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -109,9 +109,9 @@ def _micro(vocab, seed=0):
 def test_dpo_objective_learns_preferences(tmp_path):
     import json
 
-    from tinylm.dpo import DPOObjective
-    from tinylm.tokenizer import load_tokenizer
-    from tinylm.trainconfig import TrainConfig
+    from tinylm.posttrain.dpo import DPOObjective
+    from tinylm.text.tokenizer import load_tokenizer
+    from tinylm.training.trainconfig import TrainConfig
 
     tok = load_tokenizer()
     rows = [{"prompt": f"What is {a} + {a}?", "chosen": f"It is {2 * a}.", "rejected": "I do not know, sorry."}
@@ -149,8 +149,8 @@ def test_dpo_objective_learns_preferences(tmp_path):
 def test_bad_preference_rows_name_file_and_line(tmp_path, row, msg):
     import json
 
-    from tinylm.dpo import load_pairs
-    from tinylm.tokenizer import load_tokenizer
+    from tinylm.posttrain.dpo import load_pairs
+    from tinylm.text.tokenizer import load_tokenizer
 
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"prompt": "q", "chosen": "good", "rejected": "bad"}) + "\n" + json.dumps(row) + "\n")
@@ -170,7 +170,7 @@ def _pref_file(path, n=12):
 
 
 def _saved_micro(tmp_path, name="base", seed=0):
-    from tinylm.tokenizer import load_tokenizer
+    from tinylm.text.tokenizer import load_tokenizer
 
     tok = load_tokenizer()
     model = _micro(len(tok), seed=seed)
@@ -180,7 +180,7 @@ def _saved_micro(tmp_path, name="base", seed=0):
 
 
 def _dpo_cfg(model_dir, data, out_dir, **kw):
-    from tinylm.trainconfig import load_config
+    from tinylm.training.trainconfig import load_config
 
     over = [f"model={model_dir}", f"data.train={data}", f"out_dir={out_dir}", "stage=dpo", "max_steps=3",
             "batch_size=4", "seq_len=64", "lr=5e-2", "warmup_steps=0", "eval_every=0", "save_every=0",
@@ -198,8 +198,8 @@ def _losses(out_dir):
 def test_precomputed_reference_logps_give_the_live_reference_loss(tmp_path):
     import json
 
-    from tinylm.dpo import DPOObjective
-    from tinylm.dpo import main as dpo_main
+    from tinylm.posttrain.dpo import DPOObjective
+    from tinylm.posttrain.dpo import main as dpo_main
     from tinylm.train import train
 
     base = _saved_micro(tmp_path)
@@ -223,8 +223,8 @@ def test_precomputed_reference_logps_give_the_live_reference_loss(tmp_path):
 def test_precomputed_columns_errors(tmp_path):
     import json
 
-    from tinylm.dpo import DPOObjective, load_pairs
-    from tinylm.tokenizer import load_tokenizer
+    from tinylm.posttrain.dpo import DPOObjective, load_pairs
+    from tinylm.text.tokenizer import load_tokenizer
 
     tok = load_tokenizer()
     good = {"prompt": "q", "chosen": "yes", "rejected": "no", "ref_chosen_logps": -3.0, "ref_rejected_logps": -4.0}
@@ -245,9 +245,9 @@ def test_precomputed_columns_errors(tmp_path):
 
 def test_reference_is_base_with_adapters_off_or_ref_model_dir(tmp_path):
     """LoRA policy: pi_ref = the same network with adapters disabled (no copy); dpo.ref_model=DIR: that model."""
-    from tinylm.dpo import DPOObjective
-    from tinylm.lora import apply_lora
-    from tinylm.tokenizer import load_tokenizer
+    from tinylm.models.lora import apply_lora
+    from tinylm.posttrain.dpo import DPOObjective
+    from tinylm.text.tokenizer import load_tokenizer
 
     tok = load_tokenizer()
     data = _pref_file(tmp_path / "pref.jsonl", 4)
@@ -277,7 +277,7 @@ def test_reference_is_base_with_adapters_off_or_ref_model_dir(tmp_path):
     cfg2 = _dpo_cfg("tiny", data, tmp_path / "o2", **{"dpo.ref_model": str(other)})
     obj2 = DPOObjective(cfg2)
     obj2.setup(_micro(len(tok)), tok, cfg2, torch.device("cpu"))
-    from tinylm.loading import load_model
+    from tinylm.models.loading import load_model
 
     ref_model, _ = load_model(str(other))
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Tests for tinylm.evaluate / tinylm.benchmarks: file layouts, letter scoring, bits per byte, errors."""
+"""Tests for tinylm.evaluation.evaluate / tinylm.evaluation.benchmarks: file layouts, letter scoring, bits per byte, errors."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from tinylm import benchmarks as B
-from tinylm import evaluate as E
+from tinylm.evaluation import benchmarks as B
+from tinylm.evaluation import evaluate as E
 
 
 @pytest.fixture(scope="module")
@@ -231,8 +231,8 @@ def test_cli_two_models_one_table(tok, llama, tmp_path, capsys):
 
 def test_tinylm_model_with_lora_adapter(tmp_path):
     """`tinylm eval DIR --lora ADAPTER` on a tinylm model: ppl equals the merged model's ppl."""
-    from tinylm.interop import init_model
-    from tinylm.lora import apply_lora, merge_lora, save_adapter
+    from tinylm.export.interop import init_model
+    from tinylm.models.lora import apply_lora, merge_lora, save_adapter
 
     base = tmp_path / "base"
     init_model("tiny", base, num_hidden_layers=2, hidden_size=64, intermediate_size=128)

@@ -1,4 +1,4 @@
-"""The lean CPU decode step (tinylm/fast_decode.py) against the readable forward (model.py).
+"""The lean CPU decode step (tinylm/inference/fast_decode.py) against the readable forward (model.py).
 
 The reference is the model's own forward with the same StaticKVCache: logits within fp32 summation
 noise, identical greedy tokens, identical cache contents; weight-only int8 within quantisation noise
@@ -10,12 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tinylm import fast_decode
-from tinylm.config import TinyLMConfig
-from tinylm.generate import SamplingParams, StaticRunner, generate
-from tinylm.kv_cache import StaticKVCache
-from tinylm.model import TinyLMForCausalLM
-from tinylm.tokenizer import load_tokenizer
+from tinylm.inference import fast_decode
+from tinylm.inference.generate import SamplingParams, StaticRunner, generate
+from tinylm.models.config import TinyLMConfig
+from tinylm.models.kv_cache import StaticKVCache
+from tinylm.models.model import TinyLMForCausalLM
+from tinylm.text.tokenizer import load_tokenizer
 
 SHAPE = dict(vocab_size=6400, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256, eos_token_id=2, pad_token_id=0)

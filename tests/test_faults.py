@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tinylm.checkpoint import (
+from tinylm.train import train
+from tinylm.training.checkpoint import (
     CheckpointWriteError,
     CorruptCheckpointError,
     latest_valid_checkpoint,
@@ -33,9 +34,8 @@ from tinylm.checkpoint import (
     torch_save,
     verify_checkpoint,
 )
-from tinylm.metrics import read_metrics
-from tinylm.train import train
-from tinylm.trainconfig import TrainConfig, save_config
+from tinylm.training.metrics import read_metrics
+from tinylm.training.trainconfig import TrainConfig, save_config
 
 # A real `tinylm train CONFIG` whose write of optimizer.pt in checkpoint STEP stops half-way through:
 # FAULT "pause" blocks there (after touching MARKER) until the test kills it, "enospc" fails the write.
@@ -68,7 +68,7 @@ CHILD = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory) -> Path:
     """A micro model (1 layer, width 32, bundled tokenizer) and a small pretraining file."""
-    from tinylm.interop import init_model
+    from tinylm.export.interop import init_model
 
     d = tmp_path_factory.mktemp("faults")
     init_model("tiny", d / "micro", seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -100,7 +100,7 @@ def start_child(cfg: TrainConfig, fault: str, step: int, tmp: Path) -> subproces
 
 
 def fresh_model(lab: Path) -> torch.nn.Module:
-    from tinylm.loading import load_model
+    from tinylm.models.loading import load_model
 
     return load_model(str(lab / "micro"))[0]
 
@@ -167,7 +167,7 @@ def test_safetensors_out_of_space_is_reported_and_cleaned_up(lab, tmp_path, monk
     """safetensors wraps ENOSPC in its own exception type (text as a real full tmpfs gives it)."""
     from safetensors import SafetensorError
 
-    import tinylm.checkpoint as ckpt_mod
+    import tinylm.training.checkpoint as ckpt_mod
 
     model = fresh_model(lab)
     opt = torch.optim.AdamW(model.parameters())

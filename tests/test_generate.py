@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from tinylm.chat import enable_yarn
-from tinylm.generate import (
+from tinylm.inference.chat import enable_yarn
+from tinylm.inference.generate import (
     BatchGenerator,
     IncrementalDetokenizer,
     SamplingParams,
@@ -25,19 +25,19 @@ from tinylm.generate import (
     top_k_filter,
     top_p_filter,
 )
-from tinylm.hf_compat import CACHE_FIELD, cache_kwargs
+from tinylm.models.hf_compat import CACHE_FIELD, cache_kwargs
 
 
 @pytest.fixture(scope="module")
 def tok():
-    from tinylm.tokenizer import load_tokenizer
+    from tinylm.text.tokenizer import load_tokenizer
 
     return load_tokenizer()
 
 
 def tiny_model(vocab: int, seed: int = 0, **kw):
-    from tinylm.config import preset_config
-    from tinylm.model import TinyLMForCausalLM
+    from tinylm.models.config import preset_config
+    from tinylm.models.model import TinyLMForCausalLM
 
     torch.manual_seed(seed)
     cfg = preset_config("tiny", **{**dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -320,8 +320,8 @@ def test_frequency_presence_penalty_in_decoding(model, tok):
 def test_yarn_factor_decodes_past_the_trained_length(tok):
     from transformers import LlamaConfig
 
-    from tinylm.config import TinyLMConfig
-    from tinylm.config import context_length as config_context_length
+    from tinylm.models.config import TinyLMConfig
+    from tinylm.models.config import context_length as config_context_length
 
     model = tiny_model(len(tok), max_position_embeddings=32)
     ids = tok.encode(PROMPTS[3], add_special_tokens=False)

@@ -21,10 +21,10 @@ import pytest
 import torch
 
 import tinylm
-from tinylm.config import TinyLMConfig
-from tinylm.gguf_export import export_gguf, gguf_arch
-from tinylm.ollama import OLLAMA_TEMPLATE, modelfile_text, write_modelfile
-from tinylm.tokenizer import CHATML_TEMPLATE, load_tokenizer, save_pretrained_portable
+from tinylm.export.gguf_export import export_gguf, gguf_arch
+from tinylm.export.ollama import OLLAMA_TEMPLATE, modelfile_text, write_modelfile
+from tinylm.models.config import TinyLMConfig
+from tinylm.text.tokenizer import CHATML_TEMPLATE, load_tokenizer, save_pretrained_portable
 
 TOL = 1e-4  # the brief asked for 1e-3; with an f32 KV cache llama.cpp agrees to ~4e-7
 SHAPE = dict(vocab_size=6400, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -122,7 +122,7 @@ def torch_greedy(model, ids: list[int], n: int) -> list[int]:
 def test_llama_cpp_logits_match_transformers(name, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from tinylm.interop import export
+    from tinylm.export.interop import export
 
     pytest.importorskip("llama_cpp")
     model = make_case(name, tmp_path / "m")
@@ -262,7 +262,7 @@ def test_cli_export_gguf_with_ollama(trained, tmp_path, capsys):
 def test_merge_lora_before_gguf(trained, tmp_path):
     import gguf
 
-    from tinylm import lora
+    from tinylm.models import lora
 
     model = tinylm.TinyLMForCausalLM.from_pretrained(str(trained), dtype=torch.float32)
     lora.apply_lora(model, r=4, alpha=8)
@@ -281,7 +281,7 @@ def test_merge_lora_before_gguf(trained, tmp_path):
 def test_reward_model_and_foreign_tokenizer_refused(tmp_path):
     from safetensors.torch import save_file
 
-    from tinylm.reward import SCORE_KEY
+    from tinylm.posttrain.reward import SCORE_KEY
 
     make_case("qwen3", tmp_path / "rm")
     save_file({SCORE_KEY: torch.zeros(1, SHAPE["hidden_size"])}, str(tmp_path / "rm" / "score.safetensors"))

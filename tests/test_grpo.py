@@ -6,8 +6,14 @@ import statistics
 import pytest
 import torch
 
-from tinylm.grpo import group_advantages, grpo_loss
-from tinylm.rewards import accuracy_reward, extract_answer, format_reward, resolve_reward, tag_count_reward
+from tinylm.posttrain.grpo import group_advantages, grpo_loss
+from tinylm.posttrain.rewards import (
+    accuracy_reward,
+    extract_answer,
+    format_reward,
+    resolve_reward,
+    tag_count_reward,
+)
 
 
 def test_group_advantages_match_trl():
@@ -90,7 +96,7 @@ def test_rewards():
     assert extract_answer("<think>1,234 + 1</think><answer>1,235.</answer>") == "1235"
     assert accuracy_reward([""] * 3, [good, "<answer>6</answer>", "no"], answer=[5, 5, 5]) == [1.0, 0.0, 0.0]
     assert resolve_reward("accuracy") is accuracy_reward
-    assert resolve_reward("tinylm.rewards:format_reward") is format_reward
+    assert resolve_reward("tinylm.posttrain.rewards:format_reward") is format_reward
     with pytest.raises(ValueError, match="unknown reward"):
         resolve_reward("nope")
     with pytest.raises(ValueError, match="needs an 'answer'"):
@@ -98,8 +104,8 @@ def test_rewards():
 
 
 def _micro(vocab, seed=0, init=0.02):
-    from tinylm.config import TinyLMConfig
-    from tinylm.model import TinyLMForCausalLM
+    from tinylm.models.config import TinyLMConfig
+    from tinylm.models.model import TinyLMForCausalLM
 
     torch.manual_seed(seed)
     return TinyLMForCausalLM(TinyLMConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -108,7 +114,7 @@ def _micro(vocab, seed=0, init=0.02):
 
 
 def test_static_cache_sampling_matches_hf_generate_and_logps():
-    from tinylm.grpo import completion_logps, sample
+    from tinylm.posttrain.grpo import completion_logps, sample
 
     model = _micro(50, init=0.5)  # large init: diverse greedy outputs
     prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 20, 30, 40, 41]]
@@ -130,9 +136,9 @@ def test_static_cache_sampling_matches_hf_generate_and_logps():
 def test_grpo_objective_step(tmp_path):
     import json
 
-    from tinylm.grpo import GRPOObjective
-    from tinylm.tokenizer import load_tokenizer
-    from tinylm.trainconfig import TrainConfig
+    from tinylm.posttrain.grpo import GRPOObjective
+    from tinylm.text.tokenizer import load_tokenizer
+    from tinylm.training.trainconfig import TrainConfig
 
     tok = load_tokenizer()
     path = tmp_path / "p.jsonl"
@@ -141,7 +147,7 @@ def test_grpo_objective_step(tmp_path):
     cfg = TrainConfig(stage="grpo", batch_size=8)
     cfg.data.train = str(path)
     cfg.grpo.group_size, cfg.grpo.max_new_tokens, cfg.grpo.beta = 4, 8, 0.05
-    cfg.grpo.reward = "format,tag_count,tinylm.rewards:accuracy_reward"
+    cfg.grpo.reward = "format,tag_count,tinylm.posttrain.rewards:accuracy_reward"
     model = _micro(len(tok)).train()
     obj = GRPOObjective(cfg)
     obj.setup(model, tok, cfg, torch.device("cpu"))
@@ -178,8 +184,8 @@ def _word_tokenizer():
 
 
 def _word_model(tok, seed=0):
-    from tinylm.config import TinyLMConfig
-    from tinylm.model import TinyLMForCausalLM
+    from tinylm.models.config import TinyLMConfig
+    from tinylm.models.model import TinyLMForCausalLM
 
     torch.manual_seed(seed)
     return TinyLMForCausalLM(TinyLMConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
@@ -199,9 +205,9 @@ def test_grpo_training_raises_held_out_reward(tmp_path):
     (`grpo.eval_prompts` -> val_reward rows), tokens/s counts the sampled tokens, the console shows reward."""
     import json
 
-    from tinylm.grpo import evaluate_rewards
+    from tinylm.posttrain.grpo import evaluate_rewards
     from tinylm.train import train
-    from tinylm.trainconfig import load_config
+    from tinylm.training.trainconfig import load_config
 
     tok = _word_tokenizer()
     base = _word_model(tok)
@@ -233,8 +239,8 @@ def test_grpo_training_raises_held_out_reward(tmp_path):
 
 
 def test_grpo_reward_weights_must_match_functions(tmp_path):
-    from tinylm.grpo import GRPOObjective
-    from tinylm.trainconfig import TrainConfig
+    from tinylm.posttrain.grpo import GRPOObjective
+    from tinylm.training.trainconfig import TrainConfig
 
     tok = _word_tokenizer()
     cfg = TrainConfig(stage="grpo", batch_size=8)
@@ -246,9 +252,9 @@ def test_grpo_reward_weights_must_match_functions(tmp_path):
 
 def test_grpo_kl_reference_adapters_off_and_ref_model_dir(tmp_path):
     """beta > 0: the k3 KL is taken against the base with LoRA adapters off (no copy), or grpo.ref_model=DIR."""
-    from tinylm.grpo import GRPOObjective, completion_logps, grpo_loss
-    from tinylm.lora import apply_lora, lora_modules
-    from tinylm.trainconfig import TrainConfig
+    from tinylm.models.lora import apply_lora, lora_modules
+    from tinylm.posttrain.grpo import GRPOObjective, completion_logps, grpo_loss
+    from tinylm.training.trainconfig import TrainConfig
 
     tok = _word_tokenizer()
     other = _word_model(tok, seed=7)

@@ -18,9 +18,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 import tinylm
-from tinylm.config import TinyLMConfig
-from tinylm.hf_compat import cache_kwargs, output_cache
-from tinylm.interop import choose_arch, export, import_hf, init_model, model_info
+from tinylm.export.interop import choose_arch, export, import_hf, init_model, model_info
+from tinylm.models.config import TinyLMConfig
+from tinylm.models.hf_compat import cache_kwargs, output_cache
 
 TOL = 1e-4
 BASE = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
@@ -275,7 +275,7 @@ def test_clear_errors(tmp_path):
     biased = TinyLMConfig(**BASE, qk_norm=False, **MOE, moe_scoring="softmax")
     with pytest.raises(ValueError, match="expert_bias is non-zero"):
         choose_arch(biased, expert_bias_zero=False)
-    from tinylm.interop import init_model
+    from tinylm.export.interop import init_model
 
     with pytest.raises(ValueError, match="unknown preset"):
         init_model("no-such-preset", tmp_path / "m")
@@ -332,7 +332,7 @@ def test_export_merges_lora_adapter(exported, tmp_path):
 
 
 def test_init_preset_loadable(tmp_path, capsys):
-    pytest.importorskip("tinylm.tokenizer")
+    pytest.importorskip("tinylm.text.tokenizer")
     tok_dir = tmp_path / "tok"
     tiny_tokenizer().save_pretrained(tok_dir)
     assert run_cli(["init", "--list"]) == 0
@@ -353,7 +353,7 @@ def test_init_preset_loadable(tmp_path, capsys):
 @pytest.mark.parametrize("name", ["llama", "dots1"])
 def test_static_cache_decoder_matches_exported_generate(exported, name):
     """tinylm's own batched StaticKVCache decoder gives the same greedy tokens as the exported model."""
-    gen_mod = pytest.importorskip("tinylm.generate")
+    gen_mod = pytest.importorskip("tinylm.inference.generate")
     model, hf, _ = exported(name)
     prompts = [[5, 9, 17, 33, 60], [7, 8, 9]]
     params = gen_mod.SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)

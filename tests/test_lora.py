@@ -1,4 +1,4 @@
-"""LoRA (tinylm/lora.py) against PEFT, the reference implementation users trust.
+"""LoRA (tinylm/models/lora.py) against PEFT, the reference implementation users trust.
 
 The HF base for PEFT is a transformers LlamaForCausalLM holding the same weights as our tinylm
 model (module names match Llama), so equal logits mean equal adapters, scaling and key names.
@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from tinylm.config import TinyLMConfig
-from tinylm.hf_compat import enable_checkpointing
-from tinylm.lora import (
+from tinylm.models.config import TinyLMConfig
+from tinylm.models.hf_compat import enable_checkpointing
+from tinylm.models.lora import (
     LoRALinear,
     apply_lora,
     disable_lora,
@@ -23,7 +23,7 @@ from tinylm.lora import (
     save_adapter,
     trainable_parameters,
 )
-from tinylm.model import TinyLMForCausalLM
+from tinylm.models.model import TinyLMForCausalLM
 
 peft = pytest.importorskip("peft")
 
@@ -183,7 +183,7 @@ def test_export_merge_lora_gives_adapter_logits(tmp_path) -> None:
     """`tinylm export MODEL --merge-lora ADAPTER`: a plain transformers model equal to base + adapter."""
     from transformers import AutoModelForCausalLM
 
-    from tinylm.interop import export
+    from tinylm.export.interop import export
 
     tiny_model().save_pretrained(str(tmp_path / "base"))
     model = apply_lora(tiny_model(), r=4, alpha=8)
@@ -198,8 +198,8 @@ def test_export_merge_lora_gives_adapter_logits(tmp_path) -> None:
 
 def test_adapter_for_another_base_warns_in_chat_and_serve_loading(tmp_path, capsys, monkeypatch) -> None:
     """Same shapes, other weights: `chat/serve --lora` (load_for_inference -> load_adapter) warns."""
-    from tinylm.chat import load_for_inference
-    from tinylm.tokenizer import load_tokenizer
+    from tinylm.inference.chat import load_for_inference
+    from tinylm.text.tokenizer import load_tokenizer
 
     tok = load_tokenizer()
     for name, seed in (("a", 0), ("b", 1), ("SmolLM2-135M-Instruct", 0)):
@@ -219,8 +219,8 @@ def test_adapter_for_another_base_warns_in_chat_and_serve_loading(tmp_path, caps
 
 
 def test_size_summary_counts_nf4_weights() -> None:
-    from tinylm.lora import size_summary
-    from tinylm.nf4 import nf4_bytes
+    from tinylm.models.lora import size_summary
+    from tinylm.models.nf4 import nf4_bytes
 
     big = dict(hidden_size=256, intermediate_size=512)
     plain = apply_lora(tiny_model(**big), r=4)

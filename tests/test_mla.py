@@ -1,4 +1,4 @@
-"""Multi-head latent attention (tinylm/mla.py): cached (absorbed) path == training path, and export /
+"""Multi-head latent attention (tinylm/models/mla.py): cached (absorbed) path == training path, and export /
 import parity with transformers' DeepseekV3ForCausalLM (the reference), checked in a process that
 never imports tinylm."""
 
@@ -14,11 +14,11 @@ import pytest
 import torch
 
 import tinylm
-from tinylm.config import TinyLMConfig, preset_config
-from tinylm.generate import SamplingParams, generate
-from tinylm.interop import choose_arch, export, import_hf
-from tinylm.kv_cache import StaticKVCache
-from tinylm.mla import kv_bytes_per_token
+from tinylm.export.interop import choose_arch, export, import_hf
+from tinylm.inference.generate import SamplingParams, generate
+from tinylm.models.config import TinyLMConfig, preset_config
+from tinylm.models.kv_cache import StaticKVCache
+from tinylm.models.mla import kv_bytes_per_token
 
 TOL = 1e-4
 BASE = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
@@ -81,9 +81,9 @@ def test_kv_bytes_per_token_presets():
 
 
 def test_generate_and_lora_on_latent_projection():
-    """tinylm.generate (static cache) equals full forwards, also with a LoRA on kv_b_proj (absorbed
+    """tinylm.inference.generate (static cache) equals full forwards, also with a LoRA on kv_b_proj (absorbed
     weights must include the adapter)."""
-    from tinylm.lora import apply_lora
+    from tinylm.models.lora import apply_lora
 
     model = make_model("qlora_untied")
     prompt = [5, 9, 17, 33, 60]

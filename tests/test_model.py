@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import tinylm
-from tinylm.config import TinyLMConfig, count_parameters, preset_config
-from tinylm.hf_compat import enable_checkpointing, output_cache
-from tinylm.kv_cache import StaticKVCache
+from tinylm.models.config import TinyLMConfig, count_parameters, preset_config
+from tinylm.models.hf_compat import enable_checkpointing, output_cache
+from tinylm.models.kv_cache import StaticKVCache
 
 TOL = 1e-4
 BASE = dict(vocab_size=80, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -176,7 +176,7 @@ def test_config_errors(tmp_path):
         TinyLMConfig(**{**BASE, "rms_norm_eps": -1.0})
     with pytest.raises(ValueError, match="num_hidden_layers must be a positive integer"):
         TinyLMConfig(**{**BASE, "num_hidden_layers": True})
-    from tinylm.loading import load_model
+    from tinylm.models.loading import load_model
 
     with pytest.raises(FileNotFoundError):
         load_model(str(tmp_path / "missing"))
@@ -189,8 +189,8 @@ def test_missing_or_broken_files_are_named(tmp_path):
     import shutil
 
     from tinylm.cli import main
-    from tinylm.interop import init_model
-    from tinylm.loading import load_model
+    from tinylm.export.interop import init_model
+    from tinylm.models.loading import load_model
 
     good = tmp_path / "good"
     init_model("tiny", good, num_hidden_layers=1, hidden_size=64, intermediate_size=128)

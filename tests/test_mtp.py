@@ -1,4 +1,4 @@
-"""Multi-token prediction (tinylm/mtp.py, DeepSeek-V3 §2.2): the depth-k loss is the CE of the k+1-th
+"""Multi-token prediction (tinylm/models/mtp.py, DeepSeek-V3 §2.2): the depth-k loss is the CE of the k+1-th
 next token computed from the chained modules; training only; logged per depth; dropped at export."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tinylm.config import TinyLMConfig
-from tinylm.model import TinyLMForCausalLM
+from tinylm.models.config import TinyLMConfig
+from tinylm.models.model import TinyLMForCausalLM
 
 CFG = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
            num_key_value_heads=1, max_position_embeddings=64, eos_token_id=2, pad_token_id=0)
@@ -45,8 +45,8 @@ def test_mtp_loss_matches_a_direct_computation():
 def test_objective_logs_per_depth_and_export_drops_mtp(tmp_path):
     from safetensors import safe_open
 
-    from tinylm.interop import export
-    from tinylm.objectives import LMObjective
+    from tinylm.export.interop import export
+    from tinylm.training.objectives import LMObjective
 
     torch.manual_seed(0)
     model = TinyLMForCausalLM(TinyLMConfig(**CFG, mtp_depth=2)).train()

@@ -1,4 +1,4 @@
-"""NF4 / QLoRA (tinylm/nf4.py) against bitsandbytes' NF4 (quant_type="nf4", blocksize=64, CPU tensors)."""
+"""NF4 / QLoRA (tinylm/models/nf4.py) against bitsandbytes' NF4 (quant_type="nf4", blocksize=64, CPU tensors)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinylm import nf4
-from tinylm.lora import LoRALinear, apply_lora, load_adapter, merge_lora, save_adapter
+from tinylm.models import nf4
+from tinylm.models.lora import LoRALinear, apply_lora, load_adapter, merge_lora, save_adapter
 
 SHAPES = [(128, 64), (96, 200), (7, 9), (300, 1000)]
 
@@ -106,8 +106,8 @@ def test_nf4_linear_forward_backward() -> None:
 
 
 def _tiny():
-    from tinylm.config import TinyLMConfig
-    from tinylm.model import TinyLMForCausalLM
+    from tinylm.models.config import TinyLMConfig
+    from tinylm.models.model import TinyLMForCausalLM
 
     torch.manual_seed(0)
     return TinyLMForCausalLM(TinyLMConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -1,4 +1,4 @@
-"""Scale-out (tinylm/parallel.py): ddp, zero1 and FSDP2 (ZeRO-2 / ZeRO-3) on 2 gloo ranks reproduce a
+"""Scale-out (tinylm/training/parallel.py): ddp, zero1 and FSDP2 (ZeRO-2 / ZeRO-3) on 2 gloo ranks reproduce a
 1-process run of the same global batch; sharded checkpoints resume at another world size; final/
 loads in transformers; two simulated nodes survive a killed rank by resuming.
 
@@ -22,10 +22,10 @@ import torch
 from test_train import REPO, _free_port, losses, make_cfg
 from test_train import workdir as train_workdir
 
-from tinylm.checkpoint import list_checkpoints
-from tinylm.metrics import read_metrics
 from tinylm.train import train
-from tinylm.trainconfig import TrainConfig, save_config
+from tinylm.training.checkpoint import list_checkpoints
+from tinylm.training.metrics import read_metrics
+from tinylm.training.trainconfig import TrainConfig, save_config
 
 workdir = train_workdir  # the fixture: a tiny model dir + pretraining text
 STEPS = 20
@@ -35,7 +35,7 @@ from pathlib import Path
 if os.environ.get("PID_DIR"):  # the multi-node test kills one worker by its pid
     Path(os.environ["PID_DIR"], os.environ["RANK"]).write_text(str(os.getpid()))
 from tinylm.train import train
-from tinylm.trainconfig import load_config
+from tinylm.training.trainconfig import load_config
 for path in json.loads(sys.argv[1]):
     train(load_config(path), log=print)
 import torch.distributed as dist
@@ -221,7 +221,7 @@ def test_two_nodes_a_killed_rank_stops_the_run_and_it_resumes(workdir, tmp_path)
 
 def test_fsdp_refuses_rollout_stages_on_several_ranks():
     """GRPO/PPO rollouts stop sampling at a different step per rank: under FSDP2 that would hang."""
-    from tinylm.parallel import shard_model
+    from tinylm.training.parallel import shard_model
 
     cfg = TrainConfig(stage="grpo", parallel="fsdp")
     with pytest.raises(ValueError, match="parallel=fsdp does not support stage=grpo"):

@@ -8,16 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tinylm.config import preset_config
-from tinylm.model import (
+from tinylm.models.config import preset_config
+from tinylm.models.model import (
     TinyLMForCausalLM,
     _LinearCrossEntropyFn,
     _RMSNormFn,
     _RoPEFn,
     linear_cross_entropy_sum,
 )
-from tinylm.objectives import LMObjective, causal_lm_loss_sum
-from tinylm.trainconfig import TrainConfig
+from tinylm.training.objectives import LMObjective, causal_lm_loss_sum
+from tinylm.training.trainconfig import TrainConfig
 
 
 def test_rmsnorm_and_rope_gradcheck() -> None:
@@ -74,7 +74,7 @@ def test_fused_loss_equals_logits_loss_in_trainer_objective() -> None:
 
 
 def test_decode_linear_matches_f_linear_and_tracks_weight_updates():
-    from tinylm.linear import Linear
+    from tinylm.models.linear import Linear
 
     torch.manual_seed(0)
     lin = Linear(64, 96, bias=True)
@@ -94,9 +94,9 @@ def test_decode_linear_matches_f_linear_and_tracks_weight_updates():
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_decode_products_split_k_and_fused_equal_f_linear(threads):
-    from tinylm.linear import Linear, fused_decode
-    from tinylm.lora import apply_lora
-    from tinylm.moe import SwiGLU
+    from tinylm.models.linear import Linear, fused_decode
+    from tinylm.models.lora import apply_lora
+    from tinylm.models.moe import SwiGLU
 
     torch.manual_seed(0)
     before = torch.get_num_threads()
@@ -129,7 +129,7 @@ def test_decode_products_split_k_and_fused_equal_f_linear(threads):
 
 
 def test_decode_layout_follows_thread_count():
-    from tinylm.linear import Linear
+    from tinylm.models.linear import Linear
 
     lin = Linear(128, 32, bias=False)
     x = torch.randn(1, 128)
@@ -147,7 +147,7 @@ def test_decode_layout_follows_thread_count():
 
 
 def test_inference_paths_of_rmsnorm_and_rope_equal_autograd_functions():
-    from tinylm.model import RMSNorm, apply_rope
+    from tinylm.models.model import RMSNorm, apply_rope
 
     torch.manual_seed(0)
     norm = RMSNorm(8)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tinylm.ppo import (
+from tinylm.posttrain.ppo import (
     explained_variance,
     gae,
     kl_per_token,
@@ -22,7 +22,7 @@ from tinylm.ppo import (
     value_loss,
 )
 from tinylm.train import train
-from tinylm.trainconfig import load_config
+from tinylm.training.trainconfig import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 G = torch.Generator().manual_seed(0)
@@ -147,7 +147,7 @@ def test_explained_variance():
 
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory):
-    from tinylm.interop import init_model
+    from tinylm.export.interop import init_model
 
     root = tmp_path_factory.mktemp("ppo")
     init_model("tiny", root / "micro", seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -171,7 +171,7 @@ class Spy:
     """A PPOObjective that remembers its value head / critic weights right after setup."""
 
     def __new__(cls, *a):
-        from tinylm.ppo import PPOObjective
+        from tinylm.posttrain.ppo import PPOObjective
 
         class _Spy(PPOObjective):
             def setup(self, *args):

@@ -4,7 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tinylm.reasoning import TAGS, format_reasoning, is_well_formed, split_thinking, tag_weighted_loss
+from tinylm.posttrain.reasoning import (
+    TAGS,
+    format_reasoning,
+    is_well_formed,
+    split_thinking,
+    tag_weighted_loss,
+)
 
 
 def test_split_thinking():
@@ -49,13 +55,13 @@ def test_tiny_model_learns_tag_structure():
     import json
     from pathlib import Path
 
-    from tinylm.chat_format import encode_chat, render_prompt
-    from tinylm.config import TinyLMConfig
-    from tinylm.grpo import sample
-    from tinylm.model import TinyLMForCausalLM
-    from tinylm.reasoning import ReasonObjective
-    from tinylm.tokenizer import load_tokenizer
-    from tinylm.trainconfig import TrainConfig
+    from tinylm.models.config import TinyLMConfig
+    from tinylm.models.model import TinyLMForCausalLM
+    from tinylm.posttrain.grpo import sample
+    from tinylm.posttrain.reasoning import ReasonObjective
+    from tinylm.text.chat_format import encode_chat, render_prompt
+    from tinylm.text.tokenizer import load_tokenizer
+    from tinylm.training.trainconfig import TrainConfig
 
     torch.manual_seed(0)
     tok = load_tokenizer()
@@ -110,7 +116,7 @@ def _glued_bpe_tokenizer():
     from tokenizers import Tokenizer, models, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from tinylm.reasoning import format_reasoning
+    from tinylm.posttrain.reasoning import format_reasoning
 
     corpus = [format_reasoning(f"{a} + {b} = {a + b}, so the sum is {a + b}", str(a + b))
               for a in range(40) for b in range(0, 40, 7)]
@@ -120,7 +126,7 @@ def _glued_bpe_tokenizer():
 
 
 def _check_tag_spans_against_offsets(tok, texts: list[str]) -> None:
-    from tinylm.reasoning import TagSpans, tag_token_ids
+    from tinylm.posttrain.reasoning import TagSpans, tag_token_ids
 
     assert tag_token_ids(tok) is None  # tags are multi-token here: the fast path must not apply
     spans = TagSpans(tok)
@@ -134,7 +140,7 @@ def _check_tag_spans_against_offsets(tok, texts: list[str]) -> None:
 
 
 def test_tag_spans_with_glued_bpe_tokenizer():
-    from tinylm.reasoning import format_reasoning
+    from tinylm.posttrain.reasoning import format_reasoning
 
     tok = _glued_bpe_tokenizer()
     text = format_reasoning("3 + 4 = 7", "7")
@@ -146,7 +152,7 @@ def test_tag_spans_with_glued_bpe_tokenizer():
 
 
 def test_tag_weighted_loss_with_mask_by_hand():
-    from tinylm.reasoning import TagSpans, format_reasoning
+    from tinylm.posttrain.reasoning import TagSpans, format_reasoning
 
     tok = _glued_bpe_tokenizer()
     ids = tok.encode("q " + format_reasoning("1 + 2 = 3", "3"), add_special_tokens=False)
@@ -173,9 +179,9 @@ def test_smollm2_tokenizer_tag_spans():
     pytest.importorskip("gguf")
     from transformers import AutoTokenizer
 
-    from tinylm.hub import smollm2_dir
-    from tinylm.reasoning import ReasonObjective, format_reasoning
-    from tinylm.trainconfig import TrainConfig
+    from tinylm.export.hub import smollm2_dir
+    from tinylm.posttrain.reasoning import ReasonObjective, format_reasoning
+    from tinylm.training.trainconfig import TrainConfig
 
     tok = AutoTokenizer.from_pretrained(str(smollm2_dir()))
     assert len(tok.encode("<think>", add_special_tokens=False)) == 3

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tinylm.train import train
-from tinylm.trainconfig import load_config
+from tinylm.training.trainconfig import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SHRINK = ["max_steps=2", "epochs=0", "batch_size=2", "grad_accum=1", "seq_len=64", "warmup_steps=1",
@@ -30,7 +30,7 @@ SHRINK = ["max_steps=2", "epochs=0", "batch_size=2", "grad_accum=1", "seq_len=64
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Run directories shared by the chained recipes (built on first use)."""
-    from tinylm.interop import init_model
+    from tinylm.export.interop import init_model
 
     root = tmp_path_factory.mktemp("recipes")
     init_model("tiny", root / "micro", seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -92,7 +92,7 @@ def test_reason_recipe(runs):
 
 @pytest.mark.parametrize("variant", ["copy", "lora_adapters_off", "ref_model_dir"])
 def test_dpo_recipe_and_reference_paths(runs, variant):
-    from tinylm.dpo import DPOObjective
+    from tinylm.posttrain.dpo import DPOObjective
 
     extra = {"copy": [], "lora_adapters_off": ["lora.enabled=true", "lora.r=4"],
              "ref_model_dir": [f"dpo.ref_model={runs['micro']}"]}[variant]
@@ -111,7 +111,7 @@ def test_dpo_recipe_and_reference_paths(runs, variant):
 
 @pytest.mark.parametrize("variant", ["recipe", "kl_lora_adapters_off", "kl_ref_model_dir"])
 def test_grpo_recipe_and_reference_paths(runs, variant):
-    from tinylm.grpo import GRPOObjective
+    from tinylm.posttrain.grpo import GRPOObjective
 
     extra = {"recipe": [], "kl_lora_adapters_off": ["grpo.beta=0.1", "lora.enabled=true", "lora.r=4"],
              "kl_ref_model_dir": ["grpo.beta=0.1", f"grpo.ref_model={runs['micro']}"]}[variant]
@@ -136,7 +136,7 @@ def test_distill_recipe(runs):
 
 
 def test_report_plots_post_training_metrics(runs, tmp_path):
-    from tinylm.report import write_report
+    from tinylm.evaluation.report import write_report
 
     need(runs, "reason")
     for name, extra in (("dpo_copy", []), ("grpo_recipe", ["batch_size=8", "grpo.max_new_tokens=8",
@@ -151,7 +151,7 @@ def test_report_plots_post_training_metrics(runs, tmp_path):
 
 
 def test_reward_recipe(runs):
-    from tinylm.reward import read_score_head
+    from tinylm.posttrain.reward import read_score_head
 
     _, lines = run_recipe(runs, "reward", "reward", f"model={need(runs, 'reason')}")
     assert any("val_accuracy" in x and "val_length_baseline_accuracy" in x for x in lines)
@@ -176,7 +176,7 @@ def test_ppo_recipe_with_both_reward_sources(runs, variant):
 
 
 def test_report_plots_reward_model_and_ppo_metrics(runs, tmp_path):
-    from tinylm.report import write_report
+    from tinylm.evaluation.report import write_report
 
     if "ppo_rules" not in runs:
         test_ppo_recipe_with_both_reward_sources(runs, "rules")

@@ -1,4 +1,4 @@
-"""Tests for tinylm.report: diagnosis of synthetic learning curves, plots, report.md, CLI."""
+"""Tests for tinylm.evaluation.report: diagnosis of synthetic learning curves, plots, report.md, CLI."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from tinylm import report as R
+from tinylm.evaluation import report as R
 
 VOCAB = 6400  # ln(6400) = 8.76
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tinylm.cli import main as cli_main
-from tinylm.reward import (
+from tinylm.posttrain.reward import (
     bt_loss,
     check_same_tokenizer,
     last_token_index,
@@ -23,7 +23,7 @@ from tinylm.reward import (
     sequence_rewards,
 )
 from tinylm.train import train
-from tinylm.trainconfig import load_config
+from tinylm.training.trainconfig import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SHRINK = ["max_steps=3", "epochs=0", "batch_size=4", "seq_len=64", "warmup_steps=1", "log_every=1",
@@ -32,7 +32,7 @@ SHRINK = ["max_steps=3", "epochs=0", "batch_size=4", "seq_len=64", "warmup_steps
 
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory):
-    from tinylm.interop import init_model
+    from tinylm.export.interop import init_model
 
     root = tmp_path_factory.mktemp("rm")
     for name, qk in (("micro", False), ("micro_qk", True)):

@@ -12,10 +12,10 @@ import pytest
 import torch
 from test_generate import ScriptedLM, script_ids, tiny_model
 
-from tinylm.chat import enable_yarn
-from tinylm.engine import Engine, QueueFull
-from tinylm.generate import SamplingParams, generate, render_chat
-from tinylm.server import BackgroundServer, create_app, free_port
+from tinylm.inference.chat import enable_yarn
+from tinylm.inference.engine import Engine, QueueFull
+from tinylm.inference.generate import SamplingParams, generate, render_chat
+from tinylm.serving.server import BackgroundServer, create_app, free_port
 
 openai = pytest.importorskip("openai")
 KEY = "sk-test-key"
@@ -24,7 +24,7 @@ MSGS = [{"role": "user", "content": "Tell me a story about a cat."}]
 
 @pytest.fixture(scope="module")
 def tok():
-    from tinylm.tokenizer import load_tokenizer
+    from tinylm.text.tokenizer import load_tokenizer
 
     return load_tokenizer()
 
@@ -365,7 +365,7 @@ def test_serve_runs_the_model_in_the_main_thread(model, tok):
     PyTorch's OpenMP team already lives (Engine.run); stopping the HTTP server ends both."""
     import uvicorn
 
-    from tinylm.server import serve_in_main_thread
+    from tinylm.serving.server import serve_in_main_thread
 
     engine = Engine(model, tok, max_batch=2)
     step_threads = []
@@ -396,7 +396,7 @@ def test_serve_runs_the_model_in_the_main_thread(model, tok):
 def test_serve_exits_when_the_port_is_taken(model, tok):
     import uvicorn
 
-    from tinylm.server import serve_in_main_thread
+    from tinylm.serving.server import serve_in_main_thread
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

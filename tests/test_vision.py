@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from tinylm.loading import load_model
-from tinylm.vision import IMAGE_PAD, build_vlm, load_vlm, pool_patches
-from tinylm.vision_data import collate, encode_vlm_chat, load_rows
+from tinylm.data.vision_data import collate, encode_vlm_chat, load_rows
+from tinylm.models.loading import load_model
+from tinylm.models.vision import IMAGE_PAD, build_vlm, load_vlm, pool_patches
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 170, 50)}
 
@@ -150,7 +150,7 @@ def test_projector_pooling_and_scatter(vlm):
 
 def test_frozen_parameters_bit_identical_after_training(tower, tmp_path):
     from tinylm.train import train
-    from tinylm.trainconfig import load_config
+    from tinylm.training.trainconfig import load_config
 
     path = write_data(tmp_path, [qa(f"{c}.png", "<image>\nWhat colour?", c) for c in COLOURS] * 4)
     recipe = Path(__file__).parent.parent / "recipes" / "vlm_pretrain.yaml"
@@ -160,12 +160,12 @@ def test_frozen_parameters_bit_identical_after_training(tower, tmp_path):
     train(cfg, log=lambda *a: None)
     model, _ = load_vlm(tmp_path / "pre" / "final")
     lm0, _ = load_model("tiny", dtype="fp32", seed=cfg.seed)
-    from tinylm.vision import grow_vocab
+    from tinylm.models.vision import grow_vocab
     grow_vocab(lm0, model.language_model.config.vocab_size)
     ref_lm = lm0.state_dict()
     for k, v in model.language_model.state_dict().items():
         assert torch.equal(v, ref_lm[k]), k  # train_lm=none: the LM did not move
-    from tinylm.vision import load_vision_tower
+    from tinylm.models.vision import load_vision_tower
     ref_tower = load_vision_tower(tower)[0].state_dict()
     for k, v in model.vision_tower.state_dict().items():
         assert torch.equal(v, ref_tower[k]), k
@@ -181,7 +181,7 @@ def test_frozen_parameters_bit_identical_after_training(tower, tmp_path):
 
 
 def test_save_load_roundtrip_and_supervised_loss(vlm, tmp_path):
-    from tinylm.vlm_train import supervised_ce
+    from tinylm.posttrain.vlm_train import supervised_ce
 
     model, tok = vlm
     model.save_pretrained(tmp_path / "vlm")
@@ -214,8 +214,8 @@ def test_siglip_tower_has_no_cls(tmp_path):
 
 
 def test_vqa_scoring_and_bytes_images(vlm, tmp_path):
-    from tinylm.vision_data import read_image_bytes
-    from tinylm.vlm_eval import normalise, score
+    from tinylm.data.vision_data import read_image_bytes
+    from tinylm.evaluation.vlm_eval import normalise, score
 
     assert normalise("The Red.") == "red"
     rows = [{"answer": "red", "task": "colour"}, {"answer": "blue", "task": "colour"}, {"answer": "red", "task": "colour"}]
@@ -248,7 +248,7 @@ def test_llava_export_logit_parity_without_tinylm(tower, tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    from tinylm.vlm_export import export_llava
+    from tinylm.export.vlm_export import export_llava
 
     lm, tok = load_model("tiny", dtype="fp32", seed=0)
     model = build_vlm(lm, tok, tower, projector_norm=False)
@@ -281,7 +281,7 @@ def test_llava_export_logit_parity_without_tinylm(tower, tmp_path):
 
 def test_chat_with_image_and_eval_gen_on_image_rows(vlm, tmp_path, capsys):
     from tinylm.cli import main
-    from tinylm.evaluate import run_eval
+    from tinylm.evaluation.evaluate import run_eval
 
     model, tok = vlm
     model.save_pretrained(tmp_path / "vlm")

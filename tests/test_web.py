@@ -13,8 +13,8 @@ import pytest
 from test_generate import ScriptedLM, script_ids
 from test_server import wait_until
 
-from tinylm.engine import Engine
-from tinylm.server import WEB_DIR, BackgroundServer, create_app
+from tinylm.inference.engine import Engine
+from tinylm.serving.server import WEB_DIR, BackgroundServer, create_app
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -39,7 +39,7 @@ def test_page_is_self_contained():
 
 @pytest.fixture(scope="module")
 def tok():
-    from tinylm.tokenizer import load_tokenizer
+    from tinylm.text.tokenizer import load_tokenizer
 
     return load_tokenizer()
 

@@ -6,8 +6,8 @@ Importing tinylm registers the `tinylm` model type with transformers' Auto class
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from tinylm.config import PRESETS, TinyLMConfig, count_parameters, preset_config
-from tinylm.model import TinyLMForCausalLM
+from tinylm.models.config import PRESETS, TinyLMConfig, count_parameters, preset_config
+from tinylm.models.model import TinyLMForCausalLM
 
 __version__ = "0.1.0"
 

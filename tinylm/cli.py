@@ -14,16 +14,16 @@ import sys
 # Module that defines each group of sub-commands (order = order in `tinylm --help`).
 COMMAND_MODULES = [
     "tinylm.quickstart",   # quickstart
-    "tinylm.tokenizer",    # tokenizer train
-    "tinylm.interop",      # init, info, import
-    "tinylm.gguf_export",  # export (transformers directory or GGUF file)
-    "tinylm.prepare",      # data check, data prepare, data clean
+    "tinylm.text.tokenizer",    # tokenizer train
+    "tinylm.export.interop",      # init, info, import
+    "tinylm.export.gguf_export",  # export (transformers directory or GGUF file)
+    "tinylm.data.prepare",      # data check, data prepare, data clean
     "tinylm.train",        # train
-    "tinylm.chat",         # chat, generate
-    "tinylm.server",       # serve
-    "tinylm.evaluate",     # eval
-    "tinylm.report",       # report
-    "tinylm.hub",          # download
+    "tinylm.inference.chat",         # chat, generate
+    "tinylm.serving.server",       # serve
+    "tinylm.evaluation.evaluate",     # eval
+    "tinylm.evaluation.report",       # report
+    "tinylm.export.hub",          # download
 ]
 
 

@@ -29,11 +29,11 @@ def _repo_file(rel: str) -> Path:
 
 def run_quickstart(out: str = "runs/quickstart", pretrain_steps: int | None = None, sft_steps: int | None = None,
                    dtype: str = "auto", fast: bool = False, overwrite: bool = False) -> dict:
-    from tinylm.chat import load_for_inference
-    from tinylm.generate import SamplingParams, generate
-    from tinylm.report import write_report
+    from tinylm.evaluation.report import write_report
+    from tinylm.inference.chat import load_for_inference
+    from tinylm.inference.generate import SamplingParams, generate
     from tinylm.train import train
-    from tinylm.trainconfig import load_config
+    from tinylm.training.trainconfig import load_config
 
     out_dir = Path(out)
     if out_dir.exists() and any(out_dir.iterdir()):

@@ -37,8 +37,9 @@ from typing import Any, NoReturn
 
 import torch
 
-from tinylm import deepspeed_zero
-from tinylm.checkpoint import (
+from tinylm.models.hf_compat import enable_checkpointing
+from tinylm.training import deepspeed_zero
+from tinylm.training.checkpoint import (
     checkpoint_step,
     latest_checkpoint,
     load_checkpoint,
@@ -47,10 +48,9 @@ from tinylm.checkpoint import (
     save_checkpoint,
     write_model_files,
 )
-from tinylm.hf_compat import enable_checkpointing
-from tinylm.metrics import MetricsLogger, peak_memory_mb, progress_line
-from tinylm.objectives import apply_adapters, count_tokens, to_device
-from tinylm.parallel import (
+from tinylm.training.metrics import MetricsLogger, peak_memory_mb, progress_line
+from tinylm.training.objectives import apply_adapters, count_tokens, to_device
+from tinylm.training.parallel import (
     agree,
     forward_is_collective,
     grad_norm_and_clip,
@@ -65,7 +65,7 @@ from tinylm.parallel import (
     shard_model,
     shard_optimizer,
 )
-from tinylm.trainconfig import TrainConfig, config_to_dict, load_config, save_config
+from tinylm.training.trainconfig import TrainConfig, config_to_dict, load_config, save_config
 
 
 class NonFiniteLossError(RuntimeError):
@@ -101,35 +101,35 @@ def setup_distributed(cfg: TrainConfig) -> tuple[int, int, int, torch.device]:
 
 
 def make_objective(cfg: TrainConfig) -> Any:
-    """The objective for `cfg.stage` (tinylm/objectives.py documents the interface).
+    """The objective for `cfg.stage` (tinylm/training/objectives.py documents the interface).
 
     One branch per stage; imports are lazy so `tinylm train` only loads what the stage needs.
     """
     stage = cfg.stage
     if stage in ("pretrain", "sft"):
-        from tinylm.objectives import LMObjective, SFTObjective
+        from tinylm.training.objectives import LMObjective, SFTObjective
         return SFTObjective(cfg) if stage == "sft" else LMObjective(cfg)
     # Post-training stages (their modules define the classes; imports are lazy):
     if stage == "dpo":
-        from tinylm.dpo import DPOObjective
+        from tinylm.posttrain.dpo import DPOObjective
         return DPOObjective(cfg)
     if stage == "distill":
-        from tinylm.distill import DistillObjective
+        from tinylm.posttrain.distill import DistillObjective
         return DistillObjective(cfg)
     if stage == "reason":
-        from tinylm.reasoning import ReasonObjective
+        from tinylm.posttrain.reasoning import ReasonObjective
         return ReasonObjective(cfg)
     if stage == "grpo":
-        from tinylm.grpo import GRPOObjective
+        from tinylm.posttrain.grpo import GRPOObjective
         return GRPOObjective(cfg)
     if stage == "reward":
-        from tinylm.reward import RewardObjective
+        from tinylm.posttrain.reward import RewardObjective
         return RewardObjective(cfg)
     if stage == "ppo":
-        from tinylm.ppo import PPOObjective
+        from tinylm.posttrain.ppo import PPOObjective
         return PPOObjective(cfg)
     if stage == "vlm":
-        from tinylm.vlm_train import VisionObjective
+        from tinylm.posttrain.vlm_train import VisionObjective
         return VisionObjective(cfg)
     raise ValueError(f"stage {stage!r} has no objective "
                      "(known: pretrain, sft, dpo, distill, reason, grpo, reward, ppo)")
@@ -338,7 +338,7 @@ class Run:
     total_steps: int                     # 0 = until the time budget
     budget_s: float                      # 0 = no time budget
     logger: Any
-    engine: Any = None                   # parallel=deepspeed: the DeepSpeed engine (tinylm/deepspeed_zero.py)
+    engine: Any = None                   # parallel=deepspeed: the DeepSpeed engine (tinylm/training/deepspeed_zero.py)
 
 
 @dataclass
@@ -419,7 +419,7 @@ def setup(cfg: TrainConfig, objective: Any, log: Any) -> tuple[Run, Loop]:
     config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)
 
     model, tokenizer, objective = build_model(cfg, objective, device)
-    model = shard_model(model, cfg, device, world)  # parallel=fsdp: FSDP2 in place (tinylm/parallel.py)
+    model = shard_model(model, cfg, device, world)  # parallel=fsdp: FSDP2 in place (tinylm/training/parallel.py)
     optimizer = shard_optimizer(build_optimizer(model, cfg, device), cfg, world)  # parallel=zero1
     engine = deepspeed_zero.wrap(model, optimizer, cfg) if deepspeed_zero.uses_deepspeed(cfg, world) else None
     autocast_dtype, use_scaler = autocast_settings(cfg, device)
@@ -455,11 +455,11 @@ def setup(cfg: TrainConfig, objective: Any, log: Any) -> tuple[Run, Loop]:
 
 def build_model(cfg: TrainConfig, objective: Any, device: torch.device) -> tuple[torch.nn.Module, Any, Any]:
     """(model on `device` in train mode, with adapters if asked; tokenizer; the stage's objective, set up)."""
-    from tinylm.loading import load_model
+    from tinylm.models.loading import load_model
 
     torch.manual_seed(cfg.seed)
-    if cfg.stage == "vlm":  # vision tower + projector + LM (tinylm/vlm_train.py)
-        from tinylm.vlm_train import load_vlm_for_training
+    if cfg.stage == "vlm":  # vision tower + projector + LM (tinylm/posttrain/vlm_train.py)
+        from tinylm.posttrain.vlm_train import load_vlm_for_training
         model, tokenizer = load_vlm_for_training(cfg)
     else:
         model, tokenizer = load_model(cfg.model, dtype="fp32", tokenizer=cfg.tokenizer or None, seed=cfg.seed)
@@ -503,7 +503,7 @@ def announce(run: Run) -> None:
     cfg = run.cfg
     sizes = f"{sum(p.numel() for p in run.params) / 1e6:.2f}M trainable params"
     if cfg.lora.enabled:  # trainable / total params, and the 4-bit storage for QLoRA
-        from tinylm.lora import size_summary
+        from tinylm.models.lora import size_summary
         sizes = size_summary(run.model)
     run.say(f"stage {cfg.stage} | model {cfg.model} | {sizes} | device {run.device} x{run.world}"
             f"{' ' + cfg.parallel if run.world > 1 else ''} | dtype {run.autocast_dtype or torch.float32} | global batch "
@@ -524,7 +524,7 @@ def train_step(run: Run, loop: Loop) -> Step:
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     batches = (next(run.train_stream) for _ in range(cfg.grad_accum))
-    if run.engine is not None:  # parallel=deepspeed: its engine owns backward (tinylm/deepspeed_zero.py)
+    if run.engine is not None:  # parallel=deepspeed: its engine owns backward (tinylm/training/deepspeed_zero.py)
         stats, extra, data_s = deepspeed_zero.accumulate_gradients(run.objective, run.engine, batches, cfg.grad_accum,
                                                                    run.device, run.amp, run.micro_scale)
     else:
@@ -671,7 +671,7 @@ def validate(run: Run, loop: Loop) -> None:
 
 def save(run: Run, loop: Loop) -> None:
     """Checkpoint the current step on rank 0: weights, optimizer, data position, counters, RNG, GradScaler.
-    parallel=fsdp: every rank writes its shards (tinylm/parallel.py); zero1: gathered to rank 0 first."""
+    parallel=fsdp: every rank writes its shards (tinylm/training/parallel.py); zero1: gathered to rank 0 first."""
     if run.world > 1:
         prepare_optimizer_save(run.optimizer)
     state = {"step": loop.step, "tokens_seen": loop.tokens_seen, "elapsed_s": loop.elapsed(),

@@ -1,0 +1,1 @@
+"""Data: formats, cleaning, tokenization into memory-mapped shards, datasets."""

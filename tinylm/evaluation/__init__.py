@@ -1,0 +1,1 @@
+"""Evaluation: benchmarks, eval tasks, training reports."""

@@ -1,0 +1,1 @@
+"""Export and interop: transformers, GGUF / llama.cpp, Ollama, hub downloads."""

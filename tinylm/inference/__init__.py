@@ -1,0 +1,1 @@
+"""Inference: sampling, batching engine, fast decode, speculative decoding, chat, tools."""

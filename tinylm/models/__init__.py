@@ -1,0 +1,1 @@
+"""Models: config, the decoder (dense / MoE / MLA / MTP), KV cache, adapters, loading."""

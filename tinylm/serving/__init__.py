@@ -1,0 +1,1 @@
+"""Serving: the OpenAI-compatible server (chat, completions, tool calls)."""

@@ -1,0 +1,1 @@
+"""Text: tokenizer, special-token safety, chat templates (tools, thinking, images)."""

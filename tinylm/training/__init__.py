@@ -1,0 +1,1 @@
+"""Training building blocks: configs, objectives, checkpoints, metrics, parallelism."""
