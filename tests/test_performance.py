@@ -9,13 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from tinylm.models.config import preset_config
-from tinylm.models.model import (
-    TinyLMForCausalLM,
-    _LinearCrossEntropyFn,
-    _RMSNormFn,
-    _RoPEFn,
-    linear_cross_entropy_sum,
-)
+from tinylm.models.layers import _LinearCrossEntropyFn, _RMSNormFn, _RoPEFn, linear_cross_entropy_sum
+from tinylm.models.model import TinyLMForCausalLM
 from tinylm.training.objectives import LMObjective, causal_lm_loss_sum
 from tinylm.training.trainconfig import TrainConfig
 
