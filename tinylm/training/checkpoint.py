@@ -461,3 +461,20 @@ def _is_tied(model: torch.nn.Module, key: str) -> bool:
     sd = model.state_dict()
     ptr = sd[key].data_ptr()
     return any(k != key and v.data_ptr() == ptr for k, v in sd.items())
+
+
+def commit_sharded_checkpoint(tmp: Path, final: Path, out_dir: str | os.PathLike, step: int, config_yaml: str,
+                              trainer_state: dict, keep_last: int) -> None:
+    """Rank 0's half of a sharded save (parallel.py, deepspeed_zero.py), after every rank wrote its
+    shards into `tmp`: trainer state + manifest, then one atomic rename to `final`, then pruning."""
+    try:
+        with reporting_write_errors(f"checkpoint {final.name} to {final.parent}", out_dir):
+            if config_yaml:
+                (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
+            torch_save({**trainer_state, "rng": rng_state()}, tmp / "trainer_state.pt")
+            write_manifest(tmp, step)
+            replace_dir(tmp, final)
+            _fsync_dir(final.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    prune_checkpoints(out_dir, step, keep_last)

@@ -153,16 +153,7 @@ def is_deepspeed_checkpoint(path: str | Path) -> bool:
 def save(out_dir: str | Path, step: int, engine: Any, trainer_state: dict[str, Any], config_yaml: str,
          keep_last: int, rank: int) -> Path:
     """Checkpoint `step` with `engine.save_checkpoint`, atomically (a collective: every rank calls it)."""
-    from tinylm.training.checkpoint import (
-        _fsync_dir,
-        checkpoint_dir,
-        prune_checkpoints,
-        replace_dir,
-        reporting_write_errors,
-        rng_state,
-        torch_save,
-        write_manifest,
-    )
+    from tinylm.training.checkpoint import checkpoint_dir, commit_sharded_checkpoint
 
     final = checkpoint_dir(out_dir, step)
     tmp = final.parent / f".tmp_{final.name}_ds"  # cleared by remove_unfinished_saves after a crash
@@ -173,17 +164,7 @@ def save(out_dir: str | Path, step: int, engine: Any, trainer_state: dict[str, A
     engine.save_checkpoint(str(tmp / DS_DIR), tag=DS_TAG)  # each rank its partitions
     dist.barrier()
     if rank == 0:
-        try:
-            with reporting_write_errors(f"checkpoint {final.name} to {final.parent}", out_dir):
-                if config_yaml:
-                    (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
-                torch_save({**trainer_state, "rng": rng_state()}, tmp / "trainer_state.pt")
-                write_manifest(tmp, step)
-                replace_dir(tmp, final)
-                _fsync_dir(final.parent)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        prune_checkpoints(out_dir, step, keep_last)
+        commit_sharded_checkpoint(tmp, final, out_dir, step, config_yaml, trainer_state, keep_last)
     dist.barrier()
     return final
 

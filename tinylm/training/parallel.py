@@ -199,16 +199,7 @@ def save_sharded(out_dir: str | Path, step: int, model: torch.nn.Module, optimiz
     """Checkpoint `step` as DCP shards + trainer state, atomically (a collective: every rank calls it)."""
     import torch.distributed.checkpoint as dcp
 
-    from tinylm.training.checkpoint import (
-        _fsync_dir,
-        checkpoint_dir,
-        prune_checkpoints,
-        replace_dir,
-        reporting_write_errors,
-        rng_state,
-        torch_save,
-        write_manifest,
-    )
+    from tinylm.training.checkpoint import checkpoint_dir, commit_sharded_checkpoint
 
     final = checkpoint_dir(out_dir, step)
     tmp = final.parent / f".tmp_{final.name}_dcp"  # one name on every rank; cleared by remove_unfinished_saves
@@ -221,17 +212,7 @@ def save_sharded(out_dir: str | Path, step: int, model: torch.nn.Module, optimiz
     with single_process_quiet():
         dcp.save(state, checkpoint_id=str(tmp / DCP_DIR), no_dist=world == 1)  # each rank its shards
     if rank == 0:
-        try:
-            with reporting_write_errors(f"checkpoint {final.name} to {final.parent}", out_dir):
-                if config_yaml:
-                    (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
-                torch_save({**trainer_state, "rng": rng_state()}, tmp / "trainer_state.pt")
-                write_manifest(tmp, step)
-                replace_dir(tmp, final)
-                _fsync_dir(final.parent)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        prune_checkpoints(out_dir, step, keep_last)
+        commit_sharded_checkpoint(tmp, final, out_dir, step, config_yaml, trainer_state, keep_last)
     if world > 1:
         dist.barrier()
     return final
