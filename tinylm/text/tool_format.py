@@ -182,12 +182,18 @@ def install_template(model_dir: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m tinylm.text.tool_format MODEL_DIR`: store the tool template in a model's tokenizer_config.json."""
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m tinylm.text.tool_format MODEL_DIR", file=sys.stderr)
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m tinylm.text.tool_format",
+                                 description="store the tool template in a model's tokenizer_config.json")
+    ap.add_argument("model_dir")
+    args = ap.parse_args(argv)
+    try:
+        install_template(args.model_dir)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    install_template(args[0])
-    print(f"{args[0]}/tokenizer_config.json: chat_template = tinylm tool template (tools, tool_calls, enable_thinking)")
+    print(f"{args.model_dir}/tokenizer_config.json: chat_template = tinylm tool template (tools, tool_calls, enable_thinking)")
     return 0
 
 
