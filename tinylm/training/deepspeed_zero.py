@@ -190,16 +190,10 @@ def full_model_copy(model: torch.nn.Module, cfg: Any, rank: int) -> torch.nn.Mod
     """ZeRO-3: the weights gathered (a collective) into a freshly built model on rank 0; None elsewhere."""
     import deepspeed
 
-    from tinylm.models.loading import load_model
-    from tinylm.training.objectives import apply_adapters
+    from tinylm.training.objectives import rebuilt_with_state
 
     with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
         full = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if rank == 0 else None
     if rank != 0:
         return None
-    copy, _ = load_model(cfg.model, dtype="fp32", tokenizer=cfg.tokenizer or None, seed=cfg.seed)
-    copy = apply_adapters(copy, cfg)
-    copy.load_state_dict(full)
-    if getattr(model, "generation_config", None) is not None:
-        copy.generation_config = model.generation_config
-    return copy
+    return rebuilt_with_state(full, model, cfg)

@@ -190,3 +190,16 @@ def apply_adapters(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
         model = apply_lora(model, cfg.lora)
         model.lora_settings["base_model"] = cfg.model  # written to adapter_config.json
     return model
+
+
+def rebuilt_with_state(full: dict[str, torch.Tensor], model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
+    """A fresh fp32 model of the run's recipe (base model + adapters if LoRA) holding `full`, a
+    gathered state dict of a sharded model (FSDP2 or DeepSpeed ZeRO-3), for an ordinary save."""
+    from tinylm.models.loading import load_model
+
+    copy, _ = load_model(cfg.model, dtype="fp32", tokenizer=cfg.tokenizer or None, seed=cfg.seed)
+    copy = apply_adapters(copy, cfg)
+    copy.load_state_dict(full)
+    if getattr(model, "generation_config", None) is not None:
+        copy.generation_config = model.generation_config
+    return copy

@@ -258,18 +258,12 @@ def full_model_copy(model: torch.nn.Module, cfg: Any, rank: int) -> torch.nn.Mod
     (a collective) into a freshly built model of the same recipe (base model + adapters if LoRA)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from tinylm.models.loading import load_model
-    from tinylm.training.objectives import apply_adapters
+    from tinylm.training.objectives import rebuilt_with_state
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank != 0:
         return None
-    copy, _ = load_model(cfg.model, dtype="fp32", tokenizer=cfg.tokenizer or None, seed=cfg.seed)
-    copy = apply_adapters(copy, cfg)
-    copy.load_state_dict(full)
-    if getattr(model, "generation_config", None) is not None:
-        copy.generation_config = model.generation_config
-    return copy
+    return rebuilt_with_state(full, model, cfg)
 
 
 def save_model_dir(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path, cfg: Any, rank: int,
