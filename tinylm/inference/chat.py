@@ -272,7 +272,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from tinylm.inference.generate import generate
+    from tinylm.models.vision import is_vlm_dir
 
+    if is_vlm_dir(args.model):  # a vision-language model: rows may carry images (tinylm/inference/vlm_generate.py)
+        from tinylm.inference.vlm_generate import generate_vlm_cmd
+        return generate_vlm_cmd(args)
+    if args.image:
+        raise ValueError(f"--image: {args.model} is not a vision-language model (no vlm_config.json)")
     params = sampling_from_args(args)
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
@@ -360,5 +366,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--keep-thinking", action="store_true", help="keep reasoning_content in the rows")
     g.add_argument("--draft", default=None, help="draft model (same tokenizer) for speculative decoding, or 'mtp' (the model's own MTP module)")
     g.add_argument("--draft-k", type=int, default=4, help="tokens the draft proposes per target forward")
+    g.add_argument("--image", action="append", help="attach this image to every prompt (vision models; repeatable; "
+                   "rows may also name their own with \"image\")")
     _add_sampling(g, temperature=0.8)
     g.set_defaults(func=_cmd_generate)

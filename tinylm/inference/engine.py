@@ -53,7 +53,11 @@ class Engine:
             raise ValueError(f"need max_batch >= 1 and max_queue >= 0, got {max_batch}, {max_queue}")
         self.tokenizer = tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.gen = BatchGenerator(model.eval(), tokenizer, max_batch=max_batch, max_seq_len=max_seq_len)
+        if hasattr(model, "vision_tower"):  # a VisionLM: requests may carry images (tinylm/inference/vlm_engine.py)
+            from tinylm.inference.vlm_engine import VisionBatchGenerator
+            self.gen = VisionBatchGenerator(model.eval(), tokenizer, max_batch=max_batch, max_seq_len=max_seq_len)
+        else:
+            self.gen = BatchGenerator(model.eval(), tokenizer, max_batch=max_batch, max_seq_len=max_seq_len)
         self.max_seq_len = self.gen.max_seq_len
         self._lock = threading.Condition()
         self._inbox: list[Sequence] = []
@@ -119,11 +123,14 @@ class Engine:
         return len(self.gen.running)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, on_delta: Callable[[Delta], None],
-               split_think: bool = False) -> Sequence:
-        """Queue a request; `on_delta` is called from the engine thread. Raises QueueFull / ValueError."""
+               split_think: bool = False, images: list | None = None) -> Sequence:
+        """Queue a request; `on_delta` is called from the engine thread. Raises QueueFull / ValueError.
+        `images`: PIL images for the prompt's image-pad blocks, in order (a VisionLM engine only)."""
         in_think = split_think and prompt_opens_think(self.tokenizer, prompt_ids)
+        if images and not hasattr(self.gen, "vlm"):
+            raise ValueError("this model takes no images (it is not a vision-language model)")
         seq = self.gen.new_sequence(prompt_ids, params, split_think=split_think, in_think=in_think,
-                                    on_delta=on_delta)
+                                    on_delta=on_delta, **({"images": images} if images else {}))
         with self._lock:
             if not self._running:
                 raise EngineStopped("engine is not running")
@@ -175,12 +182,12 @@ class Engine:
 
     # -- asyncio helper -----------------------------------------------------------------------
     async def stream(self, prompt_ids: list[int], params: SamplingParams,
-                     split_think: bool = False) -> AsyncIterator[Delta]:
+                     split_think: bool = False, images: list | None = None) -> AsyncIterator[Delta]:
         """Async iterator over the deltas of one request; cancelling the consumer cancels the request."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Delta] = asyncio.Queue()
         seq = self.submit(prompt_ids, params, lambda d: loop.call_soon_threadsafe(queue.put_nowait, d),
-                          split_think=split_think)
+                          split_think=split_think, images=images)
         done = False
         try:
             while True:

@@ -147,6 +147,7 @@ class VisionLM(nn.Module):
         self.settings = settings
         self.config = lm.config                      # the loop reads num_experts etc. (MoE balancing)
         self._pending: torch.Tensor | None = None     # (n_image_tokens, H) to scatter, during a forward
+        self._in_order = False                        # several forwards share _pending (image_features)
         lm.get_input_embeddings().register_forward_hook(self._scatter_images)
 
     @property
@@ -173,22 +174,35 @@ class VisionLM(nn.Module):
         n = int(is_image.sum())
         if n == 0:
             return out
-        if feats is None or feats.shape[0] != n:
+        if feats is None or feats.shape[0] < n or (feats.shape[0] > n and not self._in_order):
             have = 0 if feats is None else feats.shape[0] // self.settings.tokens_per_image
             raise ValueError(f"the input has {n // self.settings.tokens_per_image} image(s) worth of "
                              f"{IMAGE_PAD} tokens but {have} image(s) were given")
-        self._pending = None  # consumed: decode steps after the prompt see text only
-        return out.masked_scatter(is_image[..., None], feats.to(out.dtype))
+        self._pending = feats[n:] if feats.shape[0] > n else None  # consumed: decode steps see text only
+        return out.masked_scatter(is_image[..., None], feats[:n].to(out.dtype))
 
     @contextlib.contextmanager
     def images(self, pixel_values: torch.Tensor | None) -> Iterator[None]:
         """Within the block, the LM's next forward that meets image-pad tokens gets these images."""
-        self._pending = None if pixel_values is None or len(pixel_values) == 0 else \
-            self.encode_images(pixel_values).reshape(-1, self.settings.text_hidden)
+        feats = None if pixel_values is None or len(pixel_values) == 0 else self.encode_images(pixel_values)
+        with self.image_features(feats):
+            yield
+
+    @contextlib.contextmanager
+    def image_features(self, feats: torch.Tensor | None, in_order: bool = False) -> Iterator[None]:
+        """`images` with the features (N, tokens_per_image, H) already encoded (the inference engine,
+        tinylm/inference/vlm_engine.py, encodes the images of several requests in one tower batch).
+        in_order: several forwards in the block share them, each taking the next ones its image-pad
+        tokens need (a batched prefill split into groups); all must be used by the end of the block."""
+        self._pending = None if feats is None or len(feats) == 0 else feats.reshape(-1, self.settings.text_hidden)
+        self._in_order = in_order
         try:
             yield
+            if in_order and self._pending is not None:
+                left = self._pending.shape[0] // self.settings.tokens_per_image
+                raise ValueError(f"{left} image(s) were given but had no {IMAGE_PAD} tokens to fill")
         finally:
-            self._pending = None
+            self._pending, self._in_order = None, False
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, **lm_kwargs: Any) -> Any:
         """The LM's output for input_ids (B, T) with image-pad rows replaced; lm_kwargs go to the LM."""

@@ -40,7 +40,7 @@ from starlette.responses import Response
 
 from tinylm import __version__
 from tinylm.inference.generate import SamplingParams
-from tinylm.serving import server_tools
+from tinylm.serving import server_tools, server_vision
 from tinylm.serving.api_error import APIError
 from tinylm.text.chat_format import render_prompt
 from tinylm.text.special_tokens import encode_text
@@ -144,21 +144,15 @@ def parse_messages(raw: object) -> list[dict]:
         role = m.get("role") if isinstance(m, dict) else None
         if not isinstance(role, str) or role not in ROLES:  # an unhashable role must not reach `in`
             raise APIError(400, f"messages[{i}] needs a 'role' in {sorted(ROLES)}", param=f"messages[{i}].role")
-        content = m.get("content")
-        if isinstance(content, list):  # content parts: text ones only
-            texts = [p["text"] for p in content
-                     if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)]
-            if len(texts) != len(content):
-                raise APIError(400, f"messages[{i}].content: only text parts "
-                                    "{\"type\": \"text\", \"text\": string} are supported",
-                               param=f"messages[{i}].content")
-            content = "".join(texts)
+        content, images = m.get("content"), []
+        if isinstance(content, list):  # content parts: text, and images for a VLM (server_vision.py)
+            content, images = server_vision.parse_parts(content, i)
         if content is None:
             content = ""
         if not isinstance(content, str):
             raise APIError(400, f"messages[{i}].content must be a string or text parts", param=f"messages[{i}].content")
         role = "system" if m["role"] == "developer" else m["role"]
-        out.append({"role": role, "content": content})
+        out.append({"role": role, "content": content, **({"images": images} if images else {})})
         out[-1].update(server_tools.message_fields(m, i))  # tool_calls / tool_call_id (server_tools.py)
     return out
 
@@ -467,7 +461,8 @@ def create_app(engine, model_name: str, api_key: str | None = None, max_tokens_c
                            param="model", code="model_not_found")
         return body
 
-    def submit(request: Request, jobs: list[tuple[list[int], SamplingParams]], split_think: bool):
+    def submit(request: Request, jobs: list[tuple[list[int], SamplingParams]], split_think: bool,
+               images: list | None = None):
         """Queue all jobs now (a full queue is a 429 before any response starts); start the client watcher.
 
         Returns (seqs, deltas queue, watcher task). Deltas arrive as (index, Delta); None means the
@@ -480,7 +475,7 @@ def create_app(engine, model_name: str, api_key: str | None = None, max_tokens_c
             for i, (ids, params) in enumerate(jobs):
                 def cb(d, i=i):
                     loop.call_soon_threadsafe(queue.put_nowait, (i, d))
-                seqs.append(engine.submit(ids, params, cb, split_think=split_think))
+                seqs.append(engine.submit(ids, params, cb, split_think=split_think, images=images))
         except Exception as e:
             for s in seqs:
                 engine.cancel(s)
@@ -547,13 +542,13 @@ def create_app(engine, model_name: str, api_key: str | None = None, max_tokens_c
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
     async def respond(request: Request, body: dict, jobs, split_think: bool, chat: bool, echo: list[str],
-                      tool_prefix: str | None = None):
+                      tool_prefix: str | None = None, images: list | None = None):
         streaming, include_usage = parse_stream(body)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         obj = "chat.completion" if chat else "text_completion"
         base = {"id": rid, "object": obj + (".chunk" if chat and streaming else ""),
                 "created": int(time.time()), "model": model_name}
-        submitted = submit(request, jobs, split_think)
+        submitted = submit(request, jobs, split_think, images)
         if not streaming:
             texts, reasons, finish, seqs = {}, {}, {}, {}
             async with contextlib.aclosing(events(*submitted)) as stream:
@@ -661,15 +656,20 @@ def create_app(engine, model_name: str, api_key: str | None = None, max_tokens_c
     async def chat_completions(request: Request):
         body = await read_body(request)
         messages = parse_messages(body.get("messages"))
+        images = server_vision.request_images(messages, engine)  # image_url parts (server_vision.py)
         tools = server_tools.parse_tools(body)
         choice = server_tools.parse_tool_choice(body, tools)
         think = server_tools.parse_enable_thinking(body)
         prefix = server_tools.forced_prefix(choice, tools)
-        ids = render_prompt(tokenizer, messages, tools=tools if prefix is not None else None, enable_thinking=think)
+        if images:
+            ids = server_vision.render(tokenizer, engine, messages, body)
+        else:
+            ids = render_prompt(tokenizer, messages, tools=tools if prefix is not None else None, enable_thinking=think)
         ids = list(ids) + server_tools.prefix_ids(tokenizer, prefix or "")
         params, n = parse_params(body, len(ids), engine.max_seq_len, max_tokens_cap, default_max_tokens)
         jobs = [(ids, _with_seed(params, j)) for j in range(n)]
-        return await respond(request, body, jobs, split_think=True, chat=True, echo=[""] * n, tool_prefix=prefix)
+        return await respond(request, body, jobs, split_think=True, chat=True, echo=[""] * n, tool_prefix=prefix,
+                             images=images)
 
     @app.post("/v1/completions", openapi_extra=doc("Completion", "CompletionChunk", request="CompletionRequest"))
     async def completions(request: Request):
@@ -826,14 +826,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from tinylm.inference.chat import load_for_inference
     from tinylm.inference.engine import Engine
+    from tinylm.inference.vlm_engine import load_vlm_for_inference
+    from tinylm.models.vision import is_vlm_dir
 
-    model, tokenizer = load_for_inference(args.model_dir, args.lora, args.dtype, args.device,
-                                          yarn_factor=args.yarn_factor, quantize=args.quantize)
+    vlm = is_vlm_dir(args.model_dir)  # a vision-language model: image_url parts too (server_vision.py)
+    model, tokenizer = (load_vlm_for_inference if vlm else load_for_inference)(
+        args.model_dir, args.lora, args.dtype, args.device, yarn_factor=args.yarn_factor, quantize=args.quantize)
     name = args.model_name or Path(args.model_dir.rstrip("/")).name or "tinylm"
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
                     max_seq_len=args.max_seq_len)
     app = create_app(engine, name, api_key=args.api_key, max_tokens_cap=args.max_tokens_cap,
-                     default_max_tokens=args.default_max_tokens)
+                     default_max_tokens=args.default_max_tokens,
+                     **({"max_body_bytes": server_vision.MAX_BODY_BYTES} if vlm else {}))
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it")
     print(f"tinylm serve: model '{name}' at http://{args.host}:{args.port}/ (API: /v1, web page: /)")

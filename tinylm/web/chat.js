@@ -3,7 +3,8 @@
 const $ = (id) => document.getElementById(id);
 // `conversation` changes on "New chat": a request started in an older conversation must not write
 // its (aborted) answer into the new history when its `finally` runs after the reset.
-const state = { history: [], controller: null, model: null, conversation: 0 };
+// `images`: data URLs attached to the next message (sent as OpenAI image_url parts; vision models).
+const state = { history: [], controller: null, model: null, conversation: 0, images: [] };
 
 // ---------- safe Markdown: build DOM nodes, text only through textContent ----------
 function el(tag, cls, text) {
@@ -62,11 +63,12 @@ function renderMarkdown(target, src) {
 }
 
 // ---------- messages ----------
-function addMessage(role, text) {
+function addMessage(role, text, images) {
   const empty = $("empty"); if (empty) empty.remove();
   const msg = el("div", "msg " + role);
   msg.appendChild(el("div", "avatar", role === "user" ? "U" : "t"));
   const bubble = el("div", "bubble");
+  for (const url of images || []) { const img = el("img"); img.src = url; img.alt = "attached image"; bubble.appendChild(img); }
   const think = el("details", "think"); think.hidden = true;
   think.appendChild(el("summary", null, "Thinking"));
   const reasoning = el("div", "reasoning"); think.appendChild(reasoning);
@@ -90,10 +92,13 @@ function headers() {
 async function send() {
   if (state.controller) { state.controller.abort(); return; }
   const text = $("input").value.trim();
-  if (!text) return;
+  if (!text && !state.images.length) return;
   $("input").value = ""; autosize();
-  addMessage("user", text);
-  state.history.push({ role: "user", content: text });
+  const images = state.images;
+  state.images = []; showAttachments();
+  addMessage("user", text, images);
+  const parts = [{ type: "text", text }, ...images.map((url) => ({ type: "image_url", image_url: { url } }))];
+  state.history.push({ role: "user", content: images.length ? parts : text });
   const view = addMessage("assistant", "");
   view.content.classList.add("cursor");
   const messages = [];
@@ -178,6 +183,31 @@ async function send() {
   }
 }
 
+// ---------- image attachments (file input -> data URL; the server never fetches URLs) ----------
+function readDataURL(file) {
+  return new Promise((resolve, reject) => {
+    const r = new FileReader();
+    r.onload = () => resolve(r.result); r.onerror = () => reject(r.error);
+    r.readAsDataURL(file);
+  });
+}
+function showAttachments() {
+  const box = $("attachments");
+  box.replaceChildren();
+  state.images.forEach((url, i) => {
+    const chip = el("span", "thumb"); const img = el("img"); img.src = url; img.alt = "image " + (i + 1);
+    const remove = el("button", null, "\u00d7"); remove.type = "button"; remove.title = "Remove";
+    remove.addEventListener("click", () => { state.images.splice(i, 1); showAttachments(); });
+    chip.append(img, remove); box.appendChild(chip);
+  });
+  box.hidden = !state.images.length;
+}
+$("image-file").addEventListener("change", async () => {
+  for (const f of $("image-file").files) state.images.push(await readDataURL(f));
+  $("image-file").value = "";
+  showAttachments();
+});
+
 function sendMode() { $("send").textContent = "Send"; $("send").classList.remove("stop"); }
 
 function autosize() { const t = $("input"); t.style.height = "auto"; t.style.height = Math.min(t.scrollHeight, 200) + "px"; }
@@ -197,6 +227,7 @@ $("new-chat").addEventListener("click", () => {
   state.controller = null;
   sendMode();
   state.history = [];
+  state.images = []; showAttachments();
   $("thread").replaceChildren();
   const empty = el("div", "empty"); empty.id = "empty";
   empty.append(el("h2", null, "Chat with your model"), el("div", null, "Answers stream as they are generated."));
