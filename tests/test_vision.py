@@ -255,7 +255,7 @@ def test_llava_export_logit_parity_without_tinylm(tower, tmp_path):
     torch.nn.init.normal_(model.projector.linear_1.weight, std=0.2)  # non-trivial image features
     model.save_pretrained(tmp_path / "vlm")
     tok.save_pretrained(tmp_path / "vlm")
-    with pytest.raises(ValueError, match="no LayerNorm"):
+    with pytest.raises(ValueError, match=r"projector LayerNorm \(vision.projector_norm=true\).*vision.projector_norm=false"):
         normed = build_vlm(load_model("tiny", dtype="fp32", seed=0)[0], tok, tower)
         normed.save_pretrained(tmp_path / "normed")
         tok.save_pretrained(tmp_path / "normed")

@@ -27,7 +27,9 @@ from __future__ import annotations
 import io
 import json
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -132,20 +134,22 @@ def encode_vlm_chat(tokenizer: Any, messages: list[dict], tokens_per_image: int,
 
 def load_rows(path: str | Path, tokenizer: Any, tokens_per_image: int, image_token_id: int, seq_len: int,
               skip_invalid: bool = False, log: Any = print) -> list[VLMRow]:
-    """Every row of a .jsonl file, checked and tokenized. Bad rows raise (or are counted and skipped)."""
+    """Every row of a .jsonl (or MiniMind-V .parquet) file, checked and tokenized. Bad rows raise (or are
+    counted and skipped)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: data file not found")
-    if path.suffix == ".parquet":
-        raise ValueError(f"{path}: parquet image rows need pyarrow; convert with "
-                         "`python -c \"import pandas; ...\"` or see docs/vision.md (jsonl + image files)")
+    if path.suffix == ".parquet":  # MiniMind-V's shipping format (tinylm/data/vision_parquet.py)
+        from tinylm.data.vision_parquet import parquet_records
+
+        records = parquet_records(path)
+    else:
+        records = _jsonl_records(path)
     rows, skipped, first_error = [], 0, ""
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
+    for where, read in records:
         try:
-            rows.append(_row(line, path.parent, where, tokenizer, tokens_per_image, image_token_id, seq_len))
+            rows.append(row_from_dict(read(), path.parent, where, tokenizer, tokens_per_image, image_token_id,
+                                      seq_len))
         except ValueError as e:
             if not skip_invalid:
                 raise
@@ -158,13 +162,25 @@ def load_rows(path: str | Path, tokenizer: Any, tokens_per_image: int, image_tok
     return rows
 
 
-def _row(line: str, base: Path, where: str, tokenizer: Any, tpi: int, image_id: int, seq_len: int) -> VLMRow:
+def _jsonl_records(path: Path) -> Iterator[tuple[str, Callable[[], dict]]]:
+    """(where, read) per non-empty line; `read()` parses the line's JSON object or raises naming it."""
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            yield f"{path}:{n}", partial(_parse_line, line, f"{path}:{n}")
+
+
+def _parse_line(line: str, where: str) -> dict:
     try:
         raw = json.loads(line)
     except json.JSONDecodeError as e:
         raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{where}: expected a JSON object")
+    return raw
+
+
+def row_from_dict(raw: dict, base: Path, where: str, tokenizer: Any, tpi: int, image_id: int, seq_len: int) -> VLMRow:
+    """One parsed row ({"image"/"images", "conversations"/"messages"}) -> checked, tokenized VLMRow."""
     src = raw.get("image", raw.get("images"))
     srcs = [] if src is None else (src if isinstance(src, list) else [src])
     images = [read_image_bytes(s, base, where) for s in srcs]

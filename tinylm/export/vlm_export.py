@@ -10,7 +10,8 @@ What maps one to one:
   projector        -> `model.multi_modal_projector` (linear_1, GELU, linear_2);
   <|image_pad|>    -> `image_token_index`, `image_seq_length` = tokens per image.
 What does not: LLaVA's projector has no LayerNorm and no patch pooling, so a VLM trained with
-`vision.projector_norm=true` or `vision.pool>1` is refused with that reason (docs/vision.md).
+`vision.projector_norm=true` or `vision.pool>1` is refused with that reason and what to change (`refusal`);
+no other transformers VLM class matches those exactly either (checked in transformers 5.x, see `refusal`).
 The tokenizer and the tower's image processor are copied, so `LlavaProcessor`-free use is:
 input_ids with image_seq_length image tokens per image + pixel_values from the image processor.
 """
@@ -36,9 +37,7 @@ def export_llava(vlm_dir: str | Path, out: str | Path) -> Path:
     model, tok = load_vlm(vlm_dir)
     s = model.settings
     if s.projector_norm or s.pool != 1:
-        raise ValueError(f"{vlm_dir}: LLaVA's projector has no LayerNorm and no pooling; this VLM was trained with "
-                         f"projector_norm={s.projector_norm}, pool={s.pool} (train with vision.projector_norm=false "
-                         "vision.pool=1 to export; docs/vision.md)")
+        raise ValueError(refusal(vlm_dir, s.projector_norm, s.pool))
     out = Path(out)
     with tempfile.TemporaryDirectory() as tmp:
         export(Path(vlm_dir) / "language_model", Path(tmp) / "text")
@@ -64,6 +63,20 @@ def export_llava(vlm_dir: str | Path, out: str | Path) -> Path:
     if src_gen.exists():
         shutil.copy(src_gen, out / "generation_config.json")
     return out
+
+
+def refusal(vlm_dir: str | Path, projector_norm: bool, pool: int) -> str:
+    """Why a VLM cannot become a transformers class, and what to change. No transformers VLM class has our
+    projector with its LayerNorm or average pooling in front of a CLIP/SigLIP tower: InternVL's projector is
+    LayerNorm + Linear-GELU-Linear but InternVLConfig forces its own InternVLVisionModel (no CLIP pre-LayerNorm);
+    Gemma3 pools, then RMSNorm + one matrix; Qwen2-VL / Idefics3 / SmolVLM / InternVL merge patches by
+    concatenation (pixel shuffle), not averaging (docs/vision.md)."""
+    what = [x for x, bad in (("the projector LayerNorm (vision.projector_norm=true)", projector_norm),
+                             (f"{pool}x{pool} patch pooling (vision.pool={pool})", pool != 1)) if bad]
+    return (f"{vlm_dir}: cannot export to transformers: LlavaForConditionalGeneration's projector is Linear-GELU-Linear "
+            f"on every patch, and this VLM uses {' and '.join(what)}, which no transformers VLM class with a CLIP/SigLIP "
+            "tower has. To export, train both stages again with vision.projector_norm=false vision.pool=1 (the VLM "
+            "itself works as it is in tinylm chat / serve / eval; docs/vision.md, 'Export to transformers')")
 
 
 def _load(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:

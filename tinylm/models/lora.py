@@ -281,6 +281,28 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+@torch.no_grad()
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict `merge_lora(model)` would leave (W + alpha/r * B A under the plain names), without
+    changing the model: a save in the middle of training (the VLM stage saves its LM merged). Float
+    base layers only (merge_lora handles 4-bit ones)."""
+    layers = dict(lora_modules(model))
+    out = {}
+    for key, value in model.state_dict().items():
+        owner, _, leaf = key.rpartition(".")
+        if owner.endswith((".lora_A", ".lora_B")) and owner.rpartition(".")[0] in layers:
+            continue
+        if owner.endswith(".base_layer") and owner[:-len(".base_layer")] in layers:
+            name = owner[:-len(".base_layer")]
+            if not isinstance(layers[name].base_layer, nn.Linear):
+                raise ValueError(f"merged_state_dict: {name} has a 4-bit base layer; use merge_lora")
+            key = f"{name}.{leaf}"
+            if leaf == "weight":
+                value = value + layers[name].delta_weight().to(value.dtype)
+        out[key] = value
+    return out
+
+
 def dequantized_linear(layer: nn.Module) -> nn.Linear:
     """A float32 nn.Linear with the weights of a 4-bit layer (ours or bitsandbytes')."""
     if hasattr(layer, "dequantize"):

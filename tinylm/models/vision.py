@@ -231,7 +231,11 @@ class VisionLM(nn.Module):
     def save_pretrained(self, path: str | Path, **_: Any) -> None:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.language_model.save_pretrained(str(path / "language_model"), safe_serialization=True)
+        from tinylm.models.lora import lora_modules, merged_state_dict
+
+        # LoRA on the LM (stage vlm with lora.enabled): saved merged, a plain LM (the model keeps its adapters)
+        merged = merged_state_dict(self.language_model) if any(True for _ in lora_modules(self.language_model)) else None
+        self.language_model.save_pretrained(str(path / "language_model"), safe_serialization=True, state_dict=merged)
         self.vision_tower.save_pretrained(str(path / "vision_tower"), safe_serialization=True)
         self.processor.save_pretrained(str(path / "vision_tower"))
         save_file({k: v.detach().contiguous() for k, v in self.projector.state_dict().items()},

@@ -6,6 +6,7 @@ recipes are this stage with different trainable parts (LLaVA-1.5 / MiniMind-V):
 
     recipes/vlm_pretrain.yaml  caption alignment: vision.train_lm=none -> only the projector learns
     recipes/vlm_sft.yaml       visual instruction tuning: projector + LM (all, or chosen layers)
+    recipes/vlm_sft_lora.yaml  the same with LoRA adapters on the LM (merged into it at save)
 
 The vision tower stays frozen unless vision.train_encoder=true; frozen parameters are excluded
 from the optimizer and so stay bit-identical (tested).
@@ -52,9 +53,6 @@ def load_vlm_for_training(cfg: TrainConfig) -> tuple[VisionLM, Any]:
     from tinylm.models.loading import load_model
 
     v = cfg.vision
-    if cfg.lora.enabled:
-        raise ValueError("config: lora.enabled with stage=vlm is not supported yet; train chosen LM layers "
-                         "with vision.train_lm=layers:I,J (docs/vision.md)")
     if Path(cfg.model).is_dir() and is_vlm_dir(cfg.model):
         model, tokenizer = load_vlm(cfg.model)
     else:
@@ -65,7 +63,24 @@ def load_vlm_for_training(cfg: TrainConfig) -> tuple[VisionLM, Any]:
         model = build_vlm(lm, tokenizer, v.encoder, pool=v.pool, feature_layer=v.feature_layer,
                           projector_norm=v.projector_norm, seed=cfg.seed)
     set_trainable(model, v.train_lm, v.train_encoder)
+    if cfg.lora.enabled:
+        add_lm_lora(model, cfg)
     return model, tokenizer
+
+
+def add_lm_lora(model: VisionLM, cfg: TrainConfig) -> None:
+    """LoRA adapters (Hu et al. 2021) on the language model only, the projector still trained in full:
+    MiniMind-V's "projector + LM" SFT at a fraction of the trainable LM weights. The tower's own
+    q_proj/k_proj/... are never adapted. VisionLM.save_pretrained writes the LM merged (W + alpha/r B A),
+    so the saved VLM is a plain one: chat, serve and export load it as any other."""
+    from tinylm.models.lora import apply_lora
+
+    if cfg.vision.train_lm != "none":
+        raise ValueError(f"config: lora.enabled with vision.train_lm={cfg.vision.train_lm!r}: LoRA trains adapters "
+                         "on a frozen LM; set vision.train_lm=none (recipes/vlm_sft_lora.yaml)")
+    if cfg.lora.quantize != "none":
+        raise ValueError("config: lora.quantize=nf4 (QLoRA) with stage=vlm is not supported yet; use lora.quantize=none")
+    apply_lora(model.language_model, cfg.lora)
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -184,7 +184,7 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 def apply_adapters(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
     """LoRA / QLoRA hook: freezes the model and adds adapters when cfg.lora.enabled (tinylm/models/lora.py)."""
-    if cfg.lora.enabled:
+    if cfg.lora.enabled and cfg.stage != "vlm":  # vlm: adapters on its LM only (tinylm/posttrain/vlm_train.py)
         from tinylm.models.lora import apply_lora, check_base_model  # post-training module
         check_base_model(cfg.model)  # a preset is re-drawn on every load: the adapter would lose its base
         model = apply_lora(model, cfg.lora)
