@@ -241,10 +241,18 @@ def llamacpp_baseline(presets: list[str], new: int, repeats: int) -> None:
             finally:
                 os.environ.pop("TINYLM_FAST_DECODE") if old is None else os.environ.update(TINYLM_FAST_DECODE=old)
 
-        o, o8, f, q, r = decode_rates([lambda b, n: ours_q(b, n, "none"), lambda b, n: ours_q(b, n, "int8"),
-                                       lambda b, n, m=llms["f32"]: time_llamacpp(m, 32, n),
-                                       lambda b, n, m=llms["q8_0"]: time_llamacpp(m, 32, n), ours_reference],
-                                      1, new, repeats)
+        def ours_compiled(b: int, n: int, q: str, ours=ours, tok=tok) -> float:  # TINYLM_COMPILE_DECODE=1
+            os.environ["TINYLM_COMPILE_DECODE"] = "1"  # (compiled in decode_rates' warm-up call)
+            try:
+                return ours_q(b, n, q)
+            finally:
+                os.environ.pop("TINYLM_COMPILE_DECODE")
+
+        o, o8, f, q, r, c, c8 = decode_rates([lambda b, n: ours_q(b, n, "none"), lambda b, n: ours_q(b, n, "int8"),
+                                          lambda b, n, m=llms["f32"]: time_llamacpp(m, 32, n),
+                                          lambda b, n, m=llms["q8_0"]: time_llamacpp(m, 32, n), ours_reference,
+                                          lambda b, n: ours_compiled(b, n, "none"),
+                                          lambda b, n: ours_compiled(b, n, "int8")], 1, new, repeats)
         fast_decode.set_quantization(ours, None)
         u = "tok/s" if CLOCK[0] is time.perf_counter else "tok/cpu-s"
         path = "fast decode step" if fast_decode.enabled() else "reference forward (TINYLM_FAST_DECODE=0)"
@@ -254,6 +262,12 @@ def llamacpp_baseline(presets: list[str], new: int, repeats: int) -> None:
               f"(llama.cpp q8_0 {q:.1f} {u}; tinylm weight-only int8, {path})", flush=True)
         print(f"RESULT decode_b1_{preset}_vs_reference_forward {o:.1f} {u} ratio={o / r:.2f} vs=reference_forward "
               f"(tinylm fp32 through the model's forward, TINYLM_FAST_DECODE=0: {r:.1f} {u})", flush=True)
+        print(f"RESULT decode_b1_{preset}_compiled_vs_llamacpp_f32 {c:.1f} {u} ratio={c / f:.2f} vs=llamacpp_f32 "
+              f"(llama.cpp f32 {f:.1f} {u}; tinylm fp32, compiled step TINYLM_COMPILE_DECODE=1; "
+              f"{c / o:.2f}x the eager fast step)", flush=True)
+        print(f"RESULT decode_b1_{preset}_int8_compiled_vs_llamacpp_q8_0 {c8:.1f} {u} ratio={c8 / q:.2f} "
+              f"vs=llamacpp_q8_0 (llama.cpp q8_0 {q:.1f} {u}; tinylm int8, compiled step; {c8 / o8:.2f}x the "
+              f"eager int8 step)", flush=True)
 
 
 def prefill_rate(ours, hf, prompt_len: int, repeats: int) -> tuple[float, float]:
@@ -329,6 +343,7 @@ def main() -> None:
     p.add_argument("--no-llamacpp", action="store_true", help="skip the llama.cpp baseline")
     p.add_argument("--llamacpp-only", action="store_true", help="only the llama.cpp baseline")
     p.add_argument("--llamacpp-presets", default="tiny,small", help="presets for the llama.cpp baseline")
+    p.add_argument("--no-batch16", action="store_true", help="skip the batch-16 llama.cpp baseline")
     p.add_argument("--cpu-time", action="store_true",
                    help="time decoding in process CPU time (use with --threads 1 on a shared machine)")
     args = p.parse_args()
@@ -340,7 +355,8 @@ def main() -> None:
     if not args.no_llamacpp:
         print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, llama.cpp baseline")
         llamacpp_baseline(args.llamacpp_presets.split(","), new, repeats)
-        llamacpp_batch_baseline(args.llamacpp_presets.split(","), 16, new, repeats)
+        if not args.no_batch16:
+            llamacpp_batch_baseline(args.llamacpp_presets.split(","), 16, new, repeats)
         if args.llamacpp_only:
             return
     dtypes = [("fp32", torch.float32)] + ([("bf16", torch.bfloat16)] if args.bf16 or args.bf16_only else [])

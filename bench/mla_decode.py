@@ -9,6 +9,9 @@
    with a layer-skip draft (its own first layer + final norm + head, Zhang et al. 2023 "Draft &
    Verify"), and MTP self-speculation with the model trained by bench/mla_mtp_loss.py. Speed-up =
    plain tinylm.inference.generate time / speculative time on the same prompts; identical tokens are checked.
+4. The same drafts on the server's path (tinylm/inference/spec_engine.py, the engine's batched
+   speculative step) at batch 1, against the engine without a draft (same forward, and the serve
+   default fast_decode step).
 
     OMP_NUM_THREADS=2 python bench/mla_decode.py
 """
@@ -105,6 +108,58 @@ def bench_spec(target_dir: str, draft: str, k: int, max_new: int) -> None:
           f"plain={len(PROMPTS) * max_new / t_plain:.1f}tok/s spec={len(PROMPTS) * max_new / t_spec:.1f}tok/s", flush=True)
 
 
+def bench_engine_spec(target_dir: str, draft: str, k: int, max_new: int) -> None:
+    """The server's path (tinylm/inference/spec_engine.py under the engine) at batch 1: one request at
+    a time, against the engine without a draft with the same forward (TINYLM_FAST_DECODE=0) and with
+    the serve default (fast_decode's lean one-token step)."""
+    from tinylm.inference.chat import load_for_inference
+    from tinylm.inference.generate import BatchGenerator, SamplingParams
+    from tinylm.inference.spec_engine import SpecBatchGenerator
+    from tinylm.inference.speculative import SpecStats
+
+    target, tok = load_for_inference(target_dir, dtype="float32", device="cpu")
+    label = "mtp_self" if draft == "mtp" else f"layerskip{draft}_k{k}"
+    d = "mtp" if draft == "mtp" else layer_skip_draft(target, int(draft))
+    sp = SamplingParams(max_new_tokens=max_new, temperature=0, ignore_eos=True)
+    ids = [tok.encode(p, add_special_tokens=False) for p in PROMPTS]
+    plain_ref = BatchGenerator(target, tok, max_batch=1)
+    os.environ["TINYLM_FAST_DECODE"] = "1"
+    plain_fast = BatchGenerator(target, tok, max_batch=1)
+    os.environ["TINYLM_FAST_DECODE"] = "0"
+    spec = SpecBatchGenerator(target, tok, d, k, max_batch=1)
+    times: dict[str, float] = {}
+    for gen in (plain_ref, plain_fast, spec):
+        run_batch1(gen, ids[:1], sp)  # warm-up
+    for _ in range(3):  # interleaved rounds, best time of each (the machine is shared)
+        spec.stats, spec.verify_forwards, spec.decode_tokens = SpecStats(), 0, 0  # count one run only
+        for name, gen in (("plain_ref", plain_ref), ("plain_fast", plain_fast), ("spec", spec)):
+            outs, t = run_batch1(gen, ids, sp)
+            times[name] = min(t, times.get(name, t))
+            if name == "plain_ref":
+                ref = outs
+            assert outs == ref, f"engine {name} greedy output differs"
+    st = spec.spec_stats()
+    tokens = len(PROMPTS) * max_new
+    print(f"RESULT engine_spec_{label}_acceptance {st['acceptance_rate']:.3f} frac tokens_per_target_forward="
+          f"{st['tokens_per_verify_forward']:.2f} batch=1 model={target_dir}")
+    print(f"RESULT engine_spec_{label}_speedup {times['plain_ref'] / times['spec']:.2f} x vs=engine_no_draft_same_forward "
+          f"plain={tokens / times['plain_ref']:.1f}tok/s spec={tokens / times['spec']:.1f}tok/s")
+    print(f"RESULT engine_spec_{label}_speedup_vs_fast {times['plain_fast'] / times['spec']:.2f} x "
+          f"vs=engine_no_draft_fast_decode plain_fast={tokens / times['plain_fast']:.1f}tok/s", flush=True)
+
+
+def run_batch1(gen, ids: list[list[int]], sp) -> tuple[list[list[int]], float]:
+    """Requests one after another (batch 1) through a (Spec)BatchGenerator, stepped as the engine does."""
+    out, t0 = [], time.perf_counter()
+    for i in ids:
+        seq = gen.new_sequence(i, sp)
+        gen.add(seq)
+        while gen.has_work():
+            gen.step()
+        out.append(seq.output_ids)
+    return out, time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=20)
@@ -112,6 +167,7 @@ def main() -> None:
     ap.add_argument("--mtp-model", default="runs/bench_mla_mtp/tiny+mtp/run/final")
     ap.add_argument("--max-new", type=int, default=48)
     ap.add_argument("--skip-mla", action="store_true")
+    ap.add_argument("--engine-only", action="store_true", help="speculative: only the engine (server) path")
     args = ap.parse_args()
     print(f"# load average {os.getloadavg()[0]:.2f}, torch threads {torch.get_num_threads()}")
     os.environ["TINYLM_FAST_DECODE"] = "0"  # the same (reference) forward for every model
@@ -119,11 +175,15 @@ def main() -> None:
         bench_mla(args.steps)
     if Path(args.target).is_dir():
         for draft, k in (("1", 2), ("1", 4), ("2", 3)):
-            bench_spec(args.target, draft, k, args.max_new)
+            if not args.engine_only:
+                bench_spec(args.target, draft, k, args.max_new)
+            bench_engine_spec(args.target, draft, k, args.max_new)
     else:
         print(f"# {args.target} missing (run `tinylm quickstart`): no draft-model measurement")
     if Path(args.mtp_model).is_dir():
-        bench_spec(args.mtp_model, "mtp", 1, args.max_new)
+        if not args.engine_only:
+            bench_spec(args.mtp_model, "mtp", 1, args.max_new)
+        bench_engine_spec(args.mtp_model, "mtp", 1, args.max_new)
     else:
         print(f"# {args.mtp_model} missing (run bench/mla_mtp_loss.py): no MTP self-speculation measurement")
     print(f"# load average {os.getloadavg()[0]:.2f}")

@@ -45,17 +45,26 @@ class Engine:
         max_batch: sequences decoded together (rows of the KV cache).
         max_queue: requests allowed to wait for a free row.
         max_seq_len: KV-cache length per row (default: the model's context length).
+        draft, draft_k: speculative decoding (tinylm/inference/spec_engine.py): a tinylm model with the
+            same tokenizer, or "mtp" (the model's own MTP module); None decodes one token per step.
     """
 
     def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64,
-                 max_seq_len: int | None = None) -> None:
+                 max_seq_len: int | None = None, draft=None, draft_k: int = 4) -> None:
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"need max_batch >= 1 and max_queue >= 0, got {max_batch}, {max_queue}")
         self.tokenizer = tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
+        if draft is not None and hasattr(model, "vision_tower"):
+            raise ValueError("--draft: speculative decoding does not cover vision-language models")
         if hasattr(model, "vision_tower"):  # a VisionLM: requests may carry images (tinylm/inference/vlm_engine.py)
             from tinylm.inference.vlm_engine import VisionBatchGenerator
             self.gen = VisionBatchGenerator(model.eval(), tokenizer, max_batch=max_batch, max_seq_len=max_seq_len)
+        elif draft is not None:  # speculative decoding (tinylm/inference/spec_engine.py)
+            from tinylm.inference.spec_engine import SpecBatchGenerator
+
+            self.gen = SpecBatchGenerator(model.eval(), tokenizer, draft, draft_k, max_batch=max_batch,
+                                          max_seq_len=max_seq_len)
         else:
             self.gen = BatchGenerator(model.eval(), tokenizer, max_batch=max_batch, max_seq_len=max_seq_len)
         self.max_seq_len = self.gen.max_seq_len
@@ -121,6 +130,10 @@ class Engine:
 
     def num_running(self) -> int:
         return len(self.gen.running)
+
+    def spec_stats(self) -> dict | None:
+        """Speculative decoding counters (acceptance, tokens per forward), None without a draft."""
+        return self.gen.spec_stats() if hasattr(self.gen, "spec_stats") else None
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, on_delta: Callable[[Delta], None],
                split_think: bool = False, images: list | None = None) -> Sequence:

@@ -342,4 +342,8 @@ class FastDecoder:
         if p is None or p.key[:3] != (tl_linear._optimizer_steps, torch.get_num_threads(), quantization(self.model)):
             self.refresh()
             p = self.prepared
+        return self.step(p, cache, tokens, rows)
+
+    def step(self, p: Prepared, cache: StaticKVCache, tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """One step on prepared weights (tinylm.inference.compiled_decode overrides it)."""
         return decode_step(p, cache, tokens, rows)

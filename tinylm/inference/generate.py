@@ -88,6 +88,15 @@ class SamplingParams:
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
 
+    @classmethod
+    def from_args(cls, args) -> SamplingParams:
+        """From the sampling flags `tinylm chat` / `tinylm generate` share (argparse namespace), validated."""
+        params = cls(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                     top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                     stop=list(args.stop or []))
+        params.validate()
+        return params
+
     @property
     def greedy(self) -> bool:
         return self.temperature < MIN_SAMPLING_TEMPERATURE
@@ -359,14 +368,19 @@ class StaticRunner:
 
         param = next(model.parameters())
         self.model, self.device = model, param.device
+        from tinylm.inference import compiled_decode
+
+        if compiled_decode.enabled():  # cache lengths in buckets: one compiled graph serves many requests
+            max_seq_len = compiled_decode.bucket(max_seq_len)
         self.cache = StaticKVCache(model.config, max_batch, max_seq_len, device=param.device, dtype=param.dtype)
         # Bound on prompt tokens x vocabulary per prefill forward (full logits are materialised).
         self.prefill_budget = 1 << 24
         from tinylm.inference import fast_decode
 
         # Decode steps through tinylm.inference.fast_decode (lean CPU step, optional int8); TINYLM_FAST_DECODE=0: the forward.
-        self.fast = fast_decode.FastDecoder(model) if fast_decode.enabled() and fast_decode.supports(model) is None \
-            else None
+        # Opt-in (TINYLM_COMPILE_DECODE=1): one compiled fixed-shape graph per step, eager on any failure.
+        decoder = compiled_decode.CompiledFastDecoder if compiled_decode.enabled() else fast_decode.FastDecoder
+        self.fast = decoder(model) if fast_decode.enabled() and fast_decode.supports(model) is None else None
 
     def prefill(self, rows: list[int], prompts: list[list[int]]) -> torch.Tensor:
         """Write prompts into fresh rows; return last-position logits (b, V)."""
@@ -467,11 +481,13 @@ class BatchGenerator:
     token) and then decodes one token for every running sequence. Finished rows are freed at once.
     """
 
-    def __init__(self, model, tokenizer, max_batch: int = 8, max_seq_len: int | None = None) -> None:
+    def __init__(self, model, tokenizer, max_batch: int = 8, max_seq_len: int | None = None,
+                 cache_slack: int = 0) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.max_seq_len = min(max_seq_len or context_length(model), context_length(model))
         runner_cls = StaticRunner if is_tinylm(model) else DynamicRunner
-        self.runner = runner_cls(model, max_batch, self.max_seq_len)
+        # cache_slack: extra cache slots per row (speculative verification writes k tokens past the end)
+        self.runner = runner_cls(model, max_batch, self.max_seq_len + cache_slack)
         self.stop_ids, self.hidden_ids = stop_token_ids(model, tokenizer), hidden_token_ids(tokenizer)
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.free_rows = list(range(max_batch - 1, -1, -1))
@@ -536,8 +552,12 @@ class BatchGenerator:
             self._accept(admitted, logits)
         batch = [s for s in self.running.values() if s not in admitted]
         if batch:
-            logits = self.runner.decode([s.row for s in batch], [s.output_ids[-1] for s in batch])
-            self._accept(batch, logits)
+            self._decode(batch)
+
+    def _decode(self, batch: list[Sequence]) -> None:
+        """One new token for each (prefilled) sequence; spec_engine.SpecBatchGenerator overrides it."""
+        logits = self.runner.decode([s.row for s in batch], [s.output_ids[-1] for s in batch])
+        self._accept(batch, logits)
 
 
 # ---------------------------------------------------------------------------------------------

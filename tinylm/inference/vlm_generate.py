@@ -69,10 +69,10 @@ def read_image_prompts(path: str, images: list[str], system: str | None = None,
 
 def generate_vlm_cmd(args: argparse.Namespace) -> int:
     """The VLM branch of `tinylm generate` (args from tinylm/inference/chat.py's parser)."""
-    from tinylm.inference.chat import sampling_from_args
+    from tinylm.inference.generate import SamplingParams
     from tinylm.inference.vlm_engine import generate_vlm, load_vlm_for_inference
 
-    params = sampling_from_args(args)
+    params = SamplingParams.from_args(args)
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
     if args.draft:

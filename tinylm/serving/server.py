@@ -634,8 +634,10 @@ def create_app(engine, model_name: str, api_key: str | None = None, max_tokens_c
 
     @app.get("/health", openapi_extra=doc("Health", auth=False))
     async def health():
-        return {"status": "ok", "model": model_name, "auth": api_key is not None, "context": engine.max_seq_len,
-                "running": engine.num_running(), "waiting": engine.num_waiting()}
+        out = {"status": "ok", "model": model_name, "auth": api_key is not None, "context": engine.max_seq_len,
+               "running": engine.num_running(), "waiting": engine.num_waiting()}
+        spec = getattr(engine, "spec_stats", lambda: None)()
+        return {**out, "speculative": spec} if spec is not None else out
 
     @app.get("/v1/models", openapi_extra=doc("ModelList"))
     async def models(request: Request):
@@ -833,8 +835,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     model, tokenizer = (load_vlm_for_inference if vlm else load_for_inference)(
         args.model_dir, args.lora, args.dtype, args.device, yarn_factor=args.yarn_factor, quantize=args.quantize)
     name = args.model_name or Path(args.model_dir.rstrip("/")).name or "tinylm"
+    draft = None
+    if args.draft:  # speculative decoding in the engine (tinylm/inference/spec_engine.py)
+        from tinylm.inference.chat import load_draft
+
+        draft = load_draft(args.draft, model, tokenizer, args.dtype, args.device)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
-                    max_seq_len=args.max_seq_len)
+                    max_seq_len=args.max_seq_len, draft=draft, draft_k=args.draft_k)
     app = create_app(engine, name, api_key=args.api_key, max_tokens_cap=args.max_tokens_cap,
                      default_max_tokens=args.default_max_tokens,
                      **({"max_body_bytes": server_vision.MAX_BODY_BYTES} if vlm else {}))
@@ -895,4 +902,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu | cuda | mps (default: cuda if available)")
     p.add_argument("--quantize", default="none", choices=["none", "int8"],
                    help="int8: decode with weight-only int8 products on CPU (~2-3x faster, logits within ~1%%)")
+    p.add_argument("--draft", default=None,
+                   help="speculative decoding: a draft model directory (same tokenizer), or 'mtp' (the model's own MTP module)")
+    p.add_argument("--draft-k", type=int, default=4, help="tokens the draft proposes per row and step")
     p.set_defaults(func=_cmd_serve)
