@@ -217,13 +217,3 @@ def test_two_nodes_a_killed_rank_stops_the_run_and_it_resumes(workdir, tmp_path)
     assert [n.returncode for n in nodes] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     assert "resumed from" in outs[0]
     assert losses(cfg.out_dir) == pytest.approx(losses(ref.out_dir), rel=1e-3)
-
-
-def test_fsdp_refuses_rollout_stages_on_several_ranks():
-    """GRPO/PPO rollouts stop sampling at a different step per rank: under FSDP2 that would hang."""
-    from tinylm.training.parallel import shard_model
-
-    cfg = TrainConfig(stage="grpo", parallel="fsdp")
-    with pytest.raises(ValueError, match="parallel=fsdp does not support stage=grpo"):
-        shard_model(torch.nn.Linear(2, 2), cfg, torch.device("cpu"), world=2)
-    assert shard_model(lin := torch.nn.Linear(2, 2), cfg, torch.device("cpu"), world=1) is lin

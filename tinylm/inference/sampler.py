@@ -69,15 +69,21 @@ def sample(
     tinylm models decode with the preallocated StaticKVCache (rows of different prompt lengths,
     no padding of the prompt); other Hugging Face models use their own `generate`. temperature 0
     is greedy. Each completion ends with its eos token (kept) or stops at max_new_tokens.
+
+    Sharded weights (FSDP2, DeepSpeed ZeRO-3) make every forward a collective, so a rank whose rows
+    all ended keeps stepping (its outputs ignored) until every rank's rows ended: the `synced_gpus`
+    of Hugging Face `generate`. Each step then costs one extra all-reduce of a flag.
     """
     from tinylm.models.kv_cache import StaticKVCache
+    from tinylm.training.parallel import forward_is_collective
 
     device = next(model.parameters()).device
+    synced = forward_is_collective(model)
     was_training = model.training
     model.eval()
     try:
         if getattr(model.config, "model_type", "") != "tinylm":
-            return _hf_sample(model, prompts, max_new_tokens, temperature, eos_ids)
+            return _hf_sample(model, prompts, max_new_tokens, temperature, eos_ids, synced)
         b = len(prompts)
         lens = torch.tensor([len(p) for p in prompts], device=device)
         t_max = int(lens.max())
@@ -94,7 +100,9 @@ def sample(
         alive = torch.ones(b, dtype=torch.bool, device=device)
         n = 0
         for n in range(max_new_tokens):
-            if temperature <= 0:
+            if not alive.any():  # synced and done here while other ranks sample: feed pads, draw nothing
+                tok = torch.zeros(b, dtype=torch.long, device=device)
+            elif temperature <= 0:
                 tok = last.argmax(-1)
             else:
                 probs = torch.softmax(last.float() / temperature, dim=-1)
@@ -102,7 +110,7 @@ def sample(
             out[:, n] = torch.where(alive, tok, 0)
             alive_before = alive
             alive = alive & ~torch.isin(tok, eos)
-            if not alive.any():
+            if not _any_alive(alive, synced):
                 break
             logits = model(tok[:, None], attention_mask=alive_before[:, None].long(), cache=cache,
                            use_cache=True).logits
@@ -120,9 +128,20 @@ def sample(
         model.train(was_training)
 
 
+def _any_alive(alive: torch.Tensor, synced: bool) -> bool:
+    """alive (B,) bool -> whether any row still samples, on this rank or (synced) on any rank."""
+    flag = alive.any()
+    if synced:  # one all-reduce per step, in the same order on every rank
+        import torch.distributed as dist
+
+        flag = flag.to(torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag)
+
+
 def _hf_sample(model, prompts: list[list[int]], max_new_tokens: int, temperature: float,
-               eos_ids: tuple[int, ...]) -> list[list[int]]:
-    """Left-padded `model.generate` for non-tinylm causal LMs."""
+               eos_ids: tuple[int, ...], synced: bool = False) -> list[list[int]]:
+    """Left-padded `model.generate` for non-tinylm causal LMs (synced_gpus under sharded weights)."""
     device = next(model.parameters()).device
     t_max = max(len(p) for p in prompts)
     pad = eos_ids[-1]
@@ -130,7 +149,7 @@ def _hf_sample(model, prompts: list[list[int]], max_new_tokens: int, temperature
     attn = torch.tensor([[0] * (t_max - len(p)) + [1] * len(p) for p in prompts], device=device)
     kw = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
     gen = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens,
-                         eos_token_id=list(eos_ids), pad_token_id=pad, **kw)[:, t_max:]
+                         eos_token_id=list(eos_ids), pad_token_id=pad, synced_gpus=synced, **kw)[:, t_max:]
     res = []
     for row in gen.tolist():
         for j, t in enumerate(row):

@@ -68,9 +68,10 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Any) -> 
                          ) from None
     if cfg.dtype == "fp16":  # tinylm's GradScaler is not DeepSpeed's loss scaler
         raise ValueError("config: parallel=deepspeed does not take dtype=fp16; use dtype=bf16 or fp32")
-    if cfg.stage in ("grpo", "ppo") and cfg.deepspeed.stage == 3:  # each forward is a collective
-        raise ValueError(f"config: deepspeed.stage=3 does not support stage={cfg.stage} yet: its rollouts stop "
-                         "sampling at a different step on each rank; use deepspeed.stage 1 or 2")
+    if cfg.deepspeed.stage == 3 and cfg.stage == "grpo" and cfg.grpo.tools:  # as parallel.refuse_unsynced_rollouts
+        raise ValueError("config: deepspeed.stage=3 does not support agentic RL (grpo.tools set): each rank runs "
+                         "a different number of tool turns and sharded forwards must run in lockstep; "
+                         "use deepspeed.stage 1 or 2 (or parallel=ddp)")
     deepspeed.init_distributed(dist_backend=dist.get_backend())  # reuses the process group
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(cfg))
     return engine

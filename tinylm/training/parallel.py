@@ -78,9 +78,7 @@ def shard_model(model: torch.nn.Module, cfg: Any, device: torch.device, world: i
     root: embeddings, final norm, lm_head). Other modes and single-process runs: the model unchanged."""
     if cfg.parallel != "fsdp" or world == 1:
         return model
-    if cfg.stage in ("grpo", "ppo"):  # each forward of a sharded model is a collective
-        raise ValueError(f"config: parallel=fsdp does not support stage={cfg.stage} yet: its rollouts stop "
-                         "sampling at a different step on each rank; use parallel=ddp or zero1")
+    refuse_unsynced_rollouts(cfg, "parallel=fsdp")
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
@@ -94,6 +92,15 @@ def shard_model(model: torch.nn.Module, cfg: Any, device: torch.device, world: i
         fully_shard(layer, **kw)
     fully_shard(model, **kw)
     return model
+
+
+def refuse_unsynced_rollouts(cfg: Any, mode: str) -> None:
+    """Sharded weights make each forward a collective. GRPO and PPO rollouts keep the ranks in step
+    (tinylm/inference/sampler.py); agentic rollouts run a different number of tool turns per rank."""
+    if cfg.stage == "grpo" and cfg.grpo.tools:
+        raise ValueError(f"config: {mode} does not support agentic RL (grpo.tools set): each rank runs a "
+                         "different number of tool turns and sharded forwards must run in lockstep; "
+                         "use parallel=ddp or zero1 (or deepspeed.stage 1/2)")
 
 
 def shard_optimizer(optimizer: torch.optim.Optimizer, cfg: Any, world: int) -> torch.optim.Optimizer:
