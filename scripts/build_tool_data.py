@@ -12,6 +12,7 @@ random order, so that the model must choose: ~60% longer prompts, too slow for t
 Outputs (the held-out split shares no (task, arguments) with the others; its countries are unseen):
   train.jsonl / val.jsonl   SFT rows {"messages", "tools", "enable_thinking"?} (OpenAI format)
   rl_prompts.jsonl          {"prompt", "answer"} for agentic RL (recipes/agent_rl.yaml)
+  warmup.jsonl (--warmup)   {"text"}: the train rows as short plain text, 4 a row (copying warm-up)
   test_prompts.jsonl        held-out {"prompt", "answer"}: tool-task accuracy (python -m tinylm.posttrain.agent_rl)
 """
 
@@ -31,6 +32,7 @@ from tinylm.inference.tools import COUNTRIES, TOOLS, run_tool  # noqa: E402
 
 SEED = 2026
 HELD_OUT_COUNTRIES = {"chile", "norway", "kenya"}
+FIRST_TRAIN = 3000
 
 
 def arithmetic(rng: random.Random) -> tuple[str, str, dict]:
@@ -85,6 +87,16 @@ def final_answer(tool: str, args: dict, result: str) -> tuple[str, str]:
     return f"The answer is {result}.", result
 
 
+def warmup_text(sft: dict) -> str:
+    """One SFT row as a short plain-text line: question, call, real result, answer. Copying numbers
+    from a question or a tool result into the output needs induction heads (Olsson et al. 2022), and
+    the quickstart model has none: its loss on a repeated random sequence does not drop on the repeat.
+    Lines without the ~280-token tools block teach the copying at a fifth of the cost per example."""
+    q, call, res, ans = (m.get("content", "") for m in sft["messages"])
+    fn = sft["messages"][1]["tool_calls"][0]["function"]
+    return f"{q}\n{json.dumps({'name': fn['name'], 'arguments': fn['arguments']})}\n{res}\n{ans}\n"
+
+
 def make(rng: random.Random, countries: list[str]) -> tuple[str, str, dict]:
     kind = rng.choice(["arith", "arith", "units", "diff", "plus", "lookup"])
     if kind == "lookup":
@@ -113,8 +125,8 @@ def row(rng: random.Random, question: str, tool: str, args: dict, distractor: bo
     return sft, {"prompt": question, "answer": gold, "tools": offered}
 
 
-def build(n_train: int, n_val: int, n_rl: int, n_test: int, out_dir: str, distractor: bool = False
-          ) -> dict[str, int]:
+def build(n_train: int, n_val: int, n_rl: int, n_test: int, out_dir: str, distractor: bool = False,
+          warmup: bool = False) -> dict[str, int]:
     rng = random.Random(SEED)
     seen_countries = [c for c in COUNTRIES if c not in HELD_OUT_COUNTRIES]
     test, test_keys = [], set()
@@ -131,11 +143,19 @@ def build(n_train: int, n_val: int, n_rl: int, n_test: int, out_dir: str, distra
         if key not in keys:
             keys.add(key)
             rows.append(row(rng, q, tool, args, distractor))
+    # Train rows past the first FIRST_TRAIN are drawn after val and RL, so those splits stay the rows
+    # the first 3000-row version had (earlier results stay comparable).
+    first = min(n_train, FIRST_TRAIN)
+    train = rows[:first] + rows[first + n_val + n_rl:]
+    val, rl = rows[first:first + n_val], rows[first + n_val:first + n_val + n_rl]
     os.makedirs(out_dir, exist_ok=True)
-    files = {"train.jsonl": [r[0] for r in rows[:n_train]],
-             "val.jsonl": [r[0] for r in rows[n_train:n_train + n_val]],
-             "rl_prompts.jsonl": [r[1] for r in rows[n_train + n_val:]],
+    files = {"train.jsonl": [r[0] for r in train],
+             "val.jsonl": [r[0] for r in val],
+             "rl_prompts.jsonl": [r[1] for r in rl],
              "test_prompts.jsonl": test}
+    if warmup:  # SFT train rows only, so no val / RL / held-out task leaks in
+        texts = [warmup_text(r[0]) for r in train]
+        files["warmup.jsonl"] = [{"text": "".join(texts[i:i + 4])} for i in range(0, len(texts), 4)]
     for name, items in files.items():
         with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
             for it in items:
@@ -151,8 +171,9 @@ def main() -> int:
     ap.add_argument("--rl", type=int, default=600)
     ap.add_argument("--test", type=int, default=100)
     ap.add_argument("--distractor", action="store_true", help="offer a second, unneeded tool in every row")
+    ap.add_argument("--warmup", action="store_true", help="also write warmup.jsonl (plain-text copying warm-up)")
     args = ap.parse_args()
-    counts = build(args.train, args.val, args.rl, args.test, args.out, args.distractor)
+    counts = build(args.train, args.val, args.rl, args.test, args.out, args.distractor, args.warmup)
     print(" ".join(f"{k}={v}" for k, v in counts.items()), "->", args.out)
     return 0
 

@@ -43,7 +43,7 @@ def keep_mask(trajs: list[Trajectory]) -> torch.Tensor:
 
 @torch.no_grad()
 def tool_accuracy(model, tokenizer, rows: list[dict], tools: list[str], max_turns: int = 4,
-                  max_new_tokens: int = 64, batch: int = 16) -> dict[str, float]:
+                  max_new_tokens: int = 96, batch: int = 16) -> dict[str, float]:
     """Greedy held-out tool-task accuracy: the fraction of rows whose final answer is right, the fraction
     with a well-formed trajectory, and the mean number of tool calls."""
     from tinylm.inference.sampler import eos_ids_of, prompt_messages
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("prompts")
     ap.add_argument("--tools", default=",".join(TOOLS))
     ap.add_argument("--max-turns", type=int, default=4)
-    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--max-new-tokens", type=int, default=96)  # per turn: a think note + a date or unit call is up to ~75
     args = ap.parse_args(argv)
     model, tok = load_model(args.model)
     res = tool_accuracy(model, tok, load_prompts(args.prompts), args.tools.split(","), args.max_turns,
