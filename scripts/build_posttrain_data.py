@@ -12,8 +12,10 @@ Outputs:
   grpo_eval.jsonl     held-out {"prompt", "answer"}: no (operation, numbers) triple of it appears above
   dpo.jsonl           {"prompt", "chosen", "rejected"}: correct vs wrong arithmetic, and bundled chat
                       answers vs an off-topic answer (another question's) or a truncated one
-  reward.jsonl        the same kinds of pairs, with every short bundled chat turn (~3.3k): the reward
-                      model needs more pairs than DPO to learn "is this answer about this question"
+  reward.jsonl        the same kinds of pairs, with every short bundled chat turn (~3.3k) and 2-3 rejected
+                      answers per question: the reward model needs more pairs than DPO to learn "is
+                      this answer about this question"
+  reward_val.jsonl    its held-out pairs: 10% of the questions (none of them in reward.jsonl)
 """
 
 from __future__ import annotations
@@ -112,6 +114,55 @@ def chat_pairs(sft_path: str, n: int, rng: random.Random) -> list[dict]:
     return out
 
 
+def chat_qa(sft_path: str) -> list[tuple[str, str]]:
+    """Sorted unique short single-turn (question, answer) pairs of the bundled chat data."""
+    qa, seen = [], set()
+    with open(sft_path, encoding="utf-8") as f:
+        for line in f:
+            msgs = [m for m in json.loads(line)["messages"] if m["role"] != "system"]
+            if len(msgs) < 2 or msgs[0]["role"] != "user" or msgs[1]["role"] != "assistant":
+                continue
+            q, a = msgs[0]["content"].strip(), msgs[1]["content"].strip()
+            if q and a and len(q) + len(a) <= 400 and (q, a) not in seen:
+                seen.add((q, a))
+                qa.append((q, a))
+    return sorted(qa)
+
+
+def reward_sets(arith: list[dict], qa: list[tuple[str, str]], rng: random.Random,
+                val_fraction: float = 0.1) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) reward pairs, split by question so no held-out question is trained on.
+
+    Several rejected answers per question (Ouyang et al. 2022 rank K answers per prompt): for chat, two
+    off-topic answers (other questions' answers, drawn from the same side of the split) and a truncated
+    one (first third, when the answer has >= 8 words); for arithmetic, two different wrong results.
+    """
+    prompts = sorted({r["prompt"] for r in arith} | {q for q, _ in qa})
+    rng.shuffle(prompts)
+    held = set(prompts[: round(val_fraction * len(prompts))])
+    sides: tuple[list[dict], list[dict]] = ([], [])
+    for r in arith:  # chosen/rejected differ only in the result: add a second wrong result
+        right = r["chosen"].rsplit("<answer>\n", 1)[1].split("\n")[0]
+        wrong = r["rejected"].rsplit("<answer>\n", 1)[1].split("\n")[0]
+        other = str(int(right) + rng.choice([d for d in (-3, -2, -1, 1, 2, 3, 10, -10) if int(right) + d != int(wrong)]))
+        second = r["chosen"].replace(f"= {right}", f"= {other}").replace(f"<answer>\n{right}\n", f"<answer>\n{other}\n")
+        side = sides[r["prompt"] in held]
+        side += [r, {"prompt": r["prompt"], "chosen": r["chosen"], "rejected": second}]
+    for k, side in enumerate(sides):
+        mine = [(q, a) for q, a in qa if (q in held) == bool(k)]
+        for q, a in mine:
+            words, bad = a.split(), []
+            while len(bad) < 2:
+                other = mine[rng.randrange(len(mine))][1]
+                if other != a and other not in bad:
+                    bad.append(other)
+            if len(words) >= 8:
+                bad.append(" ".join(words[: len(words) // 3]))
+            side += [{"prompt": q, "chosen": a, "rejected": b} for b in bad]
+        rng.shuffle(side)
+    return sides
+
+
 def write_jsonl(path: str, rows: list[dict]) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
@@ -128,6 +179,8 @@ def main() -> None:
                     help="bundled chat data for the chat preference pairs")
     ap.add_argument("--eval", type=int, default=120, help="held-out arithmetic problems")
     ap.add_argument("--chat-pairs", type=int, default=600)
+    ap.add_argument("--reward-seed", type=int, default=SEED + 1,
+                    help="seed of reward.jsonl / reward_val.jsonl only (another draw of the same pairs)")
     args = ap.parse_args()
     rng = random.Random(SEED)
     reason, grpo, evals, dpo = arithmetic_sets(rng, args.eval)
@@ -140,16 +193,16 @@ def main() -> None:
     dpo = arithmetic + chat
     rng.shuffle(dpo)
     # Own generator: adding this file leaves the other files byte-identical.
-    rng_reward = random.Random(SEED + 1)
-    reward = arithmetic + (chat_pairs(args.sft, 10**6, rng_reward) if chat else [])
-    rng_reward.shuffle(reward)
+    rng_reward = random.Random(args.reward_seed)
+    reward, reward_val = reward_sets(arithmetic, chat_qa(args.sft) if chat else [], rng_reward)
     write_jsonl(os.path.join(args.out, "reason.jsonl"), reason)
     write_jsonl(os.path.join(args.out, "grpo_prompts.jsonl"), grpo)
     write_jsonl(os.path.join(args.out, "grpo_eval.jsonl"), evals)
     write_jsonl(os.path.join(args.out, "dpo.jsonl"), dpo)
     write_jsonl(os.path.join(args.out, "reward.jsonl"), reward)
+    write_jsonl(os.path.join(args.out, "reward_val.jsonl"), reward_val)
     print(f"reason {len(reason)}, grpo_prompts {len(grpo)}, grpo_eval {len(evals)}, "
-          f"dpo {len(dpo)} ({len(chat)} from chat), reward {len(reward)}")
+          f"dpo {len(dpo)} ({len(chat)} from chat), reward {len(reward)} (held out {len(reward_val)})")
 
 
 if __name__ == "__main__":
