@@ -34,7 +34,7 @@ def worker(name: str, steps: int, warmup: int, seq: int, batch: int, data: str) 
     from tinylm.models.config import preset_config
     from tinylm.models.hf_compat import enable_checkpointing
     from tinylm.models.model import TinyLMForCausalLM
-    from tinylm.train import accumulate_gradients, build_optimizer, finish_gradients
+    from tinylm.training.loop_parts import accumulate_gradients, build_optimizer, finish_gradients
     from tinylm.training.metrics import peak_memory_mb
     from tinylm.training.objectives import LMObjective, causal_lm_loss_sum
     from tinylm.training.trainconfig import TrainConfig

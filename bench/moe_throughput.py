@@ -29,7 +29,7 @@ def main() -> None:
     from tinylm.data.dataset import BatchIterator, load_token_dataset
     from tinylm.models.config import count_parameters, preset_config
     from tinylm.models.model import TinyLMForCausalLM
-    from tinylm.train import accumulate_gradients, build_optimizer, finish_gradients
+    from tinylm.training.loop_parts import accumulate_gradients, build_optimizer, finish_gradients
     from tinylm.training.objectives import LMObjective
     from tinylm.training.trainconfig import TrainConfig
 

@@ -30,7 +30,7 @@ def main() -> None:
     from tinylm.data.dataset import BatchIterator, load_token_dataset
     from tinylm.models.config import preset_config
     from tinylm.models.model import TinyLMForCausalLM
-    from tinylm.train import (
+    from tinylm.training.loop_parts import (
         accumulate_gradients,
         build_optimizer,
         finish_gradients,

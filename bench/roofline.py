@@ -61,7 +61,7 @@ def kernel_floor(n_tokens: int, batch: int, seq: int, dtype: torch.dtype) -> tup
 
 
 def step_time(which: str, batch: int, seq: int, dtype: str) -> float:
-    from tinylm.train import autocast_settings, keep_freed_memory_in_heap
+    from tinylm.training.loop_parts import autocast_settings, keep_freed_memory_in_heap
     from tinylm.training.objectives import LMObjective
     from tinylm.training.trainconfig import TrainConfig
 

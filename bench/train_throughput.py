@@ -47,7 +47,7 @@ def worker(args: argparse.Namespace) -> dict:
     import torch
 
     from tinylm.data.dataset import BatchIterator, load_token_dataset
-    from tinylm.train import (
+    from tinylm.training.loop_parts import (
         accumulate_gradients,
         autocast_settings,
         build_optimizer,

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tinylm.train import NonFiniteLossError, accumulate_gradients, finish_gradients, train
+from tinylm.train import NonFiniteLossError, train
 from tinylm.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from tinylm.training.loop_parts import accumulate_gradients, finish_gradients
 from tinylm.training.metrics import read_metrics
 from tinylm.training.objectives import LMObjective, SFTObjective
 from tinylm.training.trainconfig import TrainConfig, load_config
@@ -286,7 +287,7 @@ def test_best_checkpoint_kept_beyond_keep_last(workdir):
 
 def test_optimizer_decays_matrices_only(workdir):
     from tinylm.models.loading import load_model
-    from tinylm.train import build_optimizer
+    from tinylm.training.loop_parts import build_optimizer
 
     model, _ = load_model(str(workdir / "model"))
     opt = build_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu"))
@@ -413,22 +414,22 @@ def test_ddp_two_gloo_ranks_match_single_process(workdir):
 
 
 def test_auto_dtype_uses_bf16_only_on_cpus_with_native_bf16(monkeypatch):
-    from tinylm import train as train_mod
+    from tinylm.training import loop_parts
 
-    real_check = train_mod.cpu_has_native_bf16
+    real_check = loop_parts.cpu_has_native_bf16
     assert real_check() is False  # conftest sets TINYLM_CPU_FP32=1
     monkeypatch.delenv("TINYLM_CPU_FP32")
     flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
     assert real_check() == any(f in flags for f in ("avx512_bf16", "amx_bf16", "bf16"))
     cfg = TrainConfig(dtype="auto")
     cpu = torch.device("cpu")
-    monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: True)
-    assert train_mod.autocast_settings(cfg, cpu) == (torch.bfloat16, False)
-    monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: False)
-    assert train_mod.autocast_settings(cfg, cpu) == (None, False)
+    monkeypatch.setattr(loop_parts, "cpu_has_native_bf16", lambda: True)
+    assert loop_parts.autocast_settings(cfg, cpu) == (torch.bfloat16, False)
+    monkeypatch.setattr(loop_parts, "cpu_has_native_bf16", lambda: False)
+    assert loop_parts.autocast_settings(cfg, cpu) == (None, False)
     cfg.dtype = "fp32"
-    monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: True)
-    assert train_mod.autocast_settings(cfg, cpu) == (None, False)
+    monkeypatch.setattr(loop_parts, "cpu_has_native_bf16", lambda: True)
+    assert loop_parts.autocast_settings(cfg, cpu) == (None, False)
 
 
 def test_tensorboard_and_wandb_receive_metrics(workdir, monkeypatch):
