@@ -159,39 +159,73 @@ RL_NOTES = {
 }
 
 
+@dataclass
+class _Curve:
+    """The finite part of a training-loss curve, with the summaries every check reads."""
+
+    run: Run
+    rows: list[dict]
+    steps: list[int]
+    loss: list[float]
+    sm: list[float]  # smoothed loss
+    k5: int  # rows in the first / last 5%
+    start: float  # median loss of the first 5% of rows: robust to noise and lag
+    final: float  # ... and of the last 5%
+
+    @classmethod
+    def of(cls, run: Run, rows: list[dict]) -> _Curve:
+        loss = [float(r["loss"]) for r in rows]
+        k5 = max(3, len(loss) // 20)
+        return cls(run, rows, [r["step"] for r in rows], loss, smooth(loss), k5,
+                   statistics.median(loss[:k5]), statistics.median(loss[-k5:]))
+
+    def smoothed_at(self, step: int) -> float:
+        return self.sm[min(range(len(self.steps)), key=lambda j: abs(self.steps[j] - step))]
+
+
 def diagnose(run: Run, vocab_size: int | None = None) -> list[Finding]:
-    """Learning-curve findings, each with its evidence."""
+    """Learning-curve findings, each with its evidence. Each check below looks for one failure mode."""
     rows = run.train
     if len(rows) < 5 and not any(r.get("nonfinite") for r in rows):
         return [Finding("no_data", f"Only {len(rows)} training rows in metrics.jsonl: too few to diagnose.")]
-    findings: list[Finding] = []
-    bad = next((r for r in rows if not _finite(r["loss"]) or (r.get("grad_norm") is not None and not r.get("amp_overflow")
-                                                              and not _finite(r["grad_norm"]))), None)
-    good_rows = [r for r in rows if _finite(r["loss"])]
-    if bad is not None:
-        before = [r for r in good_rows if r["step"] < bad["step"]]
-        last = f"the last finite loss was {before[-1]['loss']:.4f} at step {before[-1]['step']}" if before else "no finite loss before it"
-        what = "loss" if not _finite(bad["loss"]) else "gradient norm"
-        findings.append(Finding("divergence", (
-            f"Divergence: the training {what} became {bad.get('loss') if what == 'loss' else bad.get('grad_norm')} "
-            f"at step {bad['step']} (lr {bad.get('lr', float('nan')):.2e}); {last}. Lower the learning rate or "
-            f"lengthen warmup, keep grad_clip on, prefer bf16 over fp16, and resume from "
-            f"{_nearest_ckpt(run.path, before[-1]['step'] if before else 0)}.")))
-        good_rows = before
+    findings, good_rows = _check_nonfinite(run)
     if len(good_rows) < 5:
         return findings
     if run.config.get("stage") in RL_NOTES:  # their loss is no next-token loss: the LM checks below mislead
-        findings.append(Finding("good", RL_NOTES[run.config["stage"]]))
-        return findings
-    steps = [r["step"] for r in good_rows]
-    loss = [float(r["loss"]) for r in good_rows]
-    sm = smooth(loss)
-    n = len(loss)
-    k5 = max(3, n // 20)
-    start = statistics.median(loss[:k5])  # medians of the first / last 5% of rows: robust to noise and lag
-    final = statistics.median(loss[-k5:])
+        return findings + [Finding("good", RL_NOTES[run.config["stage"]])]
+    c = _Curve.of(run, good_rows)
+    findings += _check_spikes(c)
+    if not findings or findings[0].kind != "divergence":  # a NaN divergence was reported already
+        findings += _check_climb_back(c)
+    findings += _check_overfit(c)
+    findings += _check_underfit(c, vocab_size, findings)
+    findings += _check_still_improving(c, findings)
+    if not any(f.kind in ("divergence", "spikes", "overfit", "underfit") for f in findings):
+        findings.append(_well_fit(c))
+    return findings
 
-    # Loss spikes: raw loss well above the running median of the previous window.
+
+def _check_nonfinite(run: Run) -> tuple[list[Finding], list[dict]]:
+    """A NaN/inf loss or gradient norm: report it; later checks see only the rows before it."""
+    rows = run.train
+    bad = next((r for r in rows if not _finite(r["loss"]) or (r.get("grad_norm") is not None and not r.get("amp_overflow")
+                                                              and not _finite(r["grad_norm"]))), None)
+    good_rows = [r for r in rows if _finite(r["loss"])]
+    if bad is None:
+        return [], good_rows
+    before = [r for r in good_rows if r["step"] < bad["step"]]
+    last = f"the last finite loss was {before[-1]['loss']:.4f} at step {before[-1]['step']}" if before else "no finite loss before it"
+    what = "loss" if not _finite(bad["loss"]) else "gradient norm"
+    return [Finding("divergence", (
+        f"Divergence: the training {what} became {bad.get('loss') if what == 'loss' else bad.get('grad_norm')} "
+        f"at step {bad['step']} (lr {bad.get('lr', float('nan')):.2e}); {last}. Lower the learning rate or "
+        f"lengthen warmup, keep grad_clip on, prefer bf16 over fp16, and resume from "
+        f"{_nearest_ckpt(run.path, before[-1]['step'] if before else 0)}."))], before
+
+
+def _check_spikes(c: _Curve) -> list[Finding]:
+    """Loss spikes: raw loss well above the running median of the previous window."""
+    n, loss = len(c.loss), c.loss
     w = max(5, n // 50)
     spikes = []
     for i in range(w, n):
@@ -199,70 +233,80 @@ def diagnose(run: Run, vocab_size: int | None = None) -> list[Finding]:
         mad = statistics.median(abs(x - med) for x in loss[i - w:i]) or 1e-3 * med
         if loss[i] > 1.25 * med and loss[i] - med > 6 * mad:
             spikes.append((loss[i] / med, i, med))
-    if len(spikes) >= 3 or any(s[0] > 2 for s in spikes):
-        ratio, i, med = max(spikes)
-        findings.append(Finding("spikes", (
-            f"Learning rate likely too high: {len(spikes)} loss spike(s) above 1.25x the running median; the "
-            f"largest at step {steps[i]} (loss {loss[i]:.4f} vs median {med:.4f}, {ratio:.1f}x) with lr "
-            f"{good_rows[i].get('lr', float('nan')):.2e}. Try a lower peak lr, longer warmup or a smaller grad_clip.")))
+    if not (len(spikes) >= 3 or any(s[0] > 2 for s in spikes)):
+        return []
+    ratio, i, med = max(spikes)
+    return [Finding("spikes", (
+        f"Learning rate likely too high: {len(spikes)} loss spike(s) above 1.25x the running median; the "
+        f"largest at step {c.steps[i]} (loss {loss[i]:.4f} vs median {med:.4f}, {ratio:.1f}x) with lr "
+        f"{c.rows[i].get('lr', float('nan')):.2e}. Try a lower peak lr, longer warmup or a smaller grad_clip."))]
 
-    # Divergence without NaN: the smoothed loss climbs far back above its minimum.
-    i_min = min(range(n), key=sm.__getitem__)
-    if bad is None and i_min < int(0.9 * n) and final > 1.2 * sm[i_min] and final - sm[i_min] > 0.3:
-        findings.append(Finding("divergence", (
-            f"Divergence: the smoothed training loss fell to {sm[i_min]:.4f} at step {steps[i_min]} and climbed back "
-            f"to {final:.4f} at step {steps[-1]} (+{100 * (final / sm[i_min] - 1):.0f}%). Lower the learning rate and "
-            f"resume from {_nearest_ckpt(run.path, steps[i_min])}.")))
 
-    # Overfitting: validation loss turns up while training loss keeps falling.
-    val = [(r["step"], float(r["val_loss"])) for r in run.val if _finite(r["val_loss"])]
-    overfit = False
-    if len(val) >= 3:
-        b_step, b_val = min(val, key=lambda x: x[1])
-        l_step, l_val = val[-1]
+def _check_climb_back(c: _Curve) -> list[Finding]:
+    """Divergence without NaN: the smoothed loss climbs far back above its minimum."""
+    n = len(c.loss)
+    i_min = min(range(n), key=c.sm.__getitem__)
+    if not (i_min < int(0.9 * n) and c.final > 1.2 * c.sm[i_min] and c.final - c.sm[i_min] > 0.3):
+        return []
+    return [Finding("divergence", (
+        f"Divergence: the smoothed training loss fell to {c.sm[i_min]:.4f} at step {c.steps[i_min]} and climbed back "
+        f"to {c.final:.4f} at step {c.steps[-1]} (+{100 * (c.final / c.sm[i_min] - 1):.0f}%). Lower the learning rate "
+        f"and resume from {_nearest_ckpt(c.run.path, c.steps[i_min])}."))]
 
-        def train_at(step: int) -> float:
-            return sm[min(range(n), key=lambda j: abs(steps[j] - step))]
 
-        if l_step > b_step and l_val > b_val * 1.02 + 0.01 and train_at(l_step) < train_at(b_step):
-            overfit = True
-            findings.append(Finding("overfit", (
-                f"Overfitting: validation loss was lowest ({b_val:.4f}) at step {b_step} and rose to {l_val:.4f} at "
-                f"step {l_step} (+{100 * (l_val / b_val - 1):.1f}%) while training loss kept falling "
-                f"({train_at(b_step):.4f} -> {train_at(l_step):.4f}); the gap is now {l_val - train_at(l_step):.4f}. "
-                f"Use the best checkpoint: {_nearest_ckpt(run.path, b_step)}. Train fewer steps/epochs, add data "
-                f"or regularise (weight decay, dropout, smaller LoRA rank).")))
+def _check_overfit(c: _Curve) -> list[Finding]:
+    """Overfitting: validation loss turns up while training loss keeps falling."""
+    val = [(r["step"], float(r["val_loss"])) for r in c.run.val if _finite(r["val_loss"])]
+    if len(val) < 3:
+        return []
+    b_step, b_val = min(val, key=lambda x: x[1])
+    l_step, l_val = val[-1]
+    if not (l_step > b_step and l_val > b_val * 1.02 + 0.01 and c.smoothed_at(l_step) < c.smoothed_at(b_step)):
+        return []
+    return [Finding("overfit", (
+        f"Overfitting: validation loss was lowest ({b_val:.4f}) at step {b_step} and rose to {l_val:.4f} at "
+        f"step {l_step} (+{100 * (l_val / b_val - 1):.1f}%) while training loss kept falling "
+        f"({c.smoothed_at(b_step):.4f} -> {c.smoothed_at(l_step):.4f}); the gap is now "
+        f"{l_val - c.smoothed_at(l_step):.4f}. Use the best checkpoint: {_nearest_ckpt(c.run.path, b_step)}. Train "
+        f"fewer steps/epochs, add data or regularise (weight decay, dropout, smaller LoRA rank)."))]
 
-    # Underfitting: flat or close to the uniform-guess loss ln(V).
-    drop = (start - final) / start if start > 0 else 0.0
+
+def _check_underfit(c: _Curve, vocab_size: int | None, found: list[Finding]) -> list[Finding]:
+    """Underfitting: flat, or close to the uniform-guess loss ln(V)."""
+    drop = (c.start - c.final) / c.start if c.start > 0 else 0.0
     ln_v = math.log(vocab_size) if vocab_size else None
-    diverged = any(f.kind == "divergence" for f in findings)  # "raise the lr" would contradict it
-    if not overfit and not diverged and (drop < 0.1 or (ln_v and final > 0.8 * ln_v)):
-        ref = (f"; ln(vocab={vocab_size}) = {ln_v:.2f} is the loss of a uniform guess and the final loss is "
-               f"{100 * final / ln_v:.0f}% of it") if ln_v else ""
-        findings.append(Finding("underfit", (
-            f"Underfitting: training loss went from {start:.4f} to {final:.4f} over steps "
-            f"{steps[0]}-{steps[-1]}, a {100 * drop:.1f}% drop{ref}. Train longer, raise the learning rate or "
-            f"use a bigger model; check that the data and labels are right.")))
+    if any(f.kind in ("overfit", "divergence") for f in found):  # "raise the lr" would contradict them
+        return []
+    if not (drop < 0.1 or (ln_v and c.final > 0.8 * ln_v)):
+        return []
+    ref = (f"; ln(vocab={vocab_size}) = {ln_v:.2f} is the loss of a uniform guess and the final loss is "
+           f"{100 * c.final / ln_v:.0f}% of it") if ln_v else ""
+    return [Finding("underfit", (
+        f"Underfitting: training loss went from {c.start:.4f} to {c.final:.4f} over steps "
+        f"{c.steps[0]}-{c.steps[-1]}, a {100 * drop:.1f}% drop{ref}. Train longer, raise the learning rate or "
+        f"use a bigger model; check that the data and labels are right."))]
 
-    # Still improving at the end: more steps would help.
-    j = int(0.8 * n)
-    before = statistics.median(loss[max(0, j - k5):j + 1])
-    if before > 0 and (before - final) / before > 0.02 and not any(f.kind in ("divergence", "overfit") for f in findings):
-        findings.append(Finding("still_improving", (
-            f"Still improving: the training loss fell {100 * (before - final) / before:.1f}% over the last 20% of the "
-            f"run (step {steps[j]} -> {steps[-1]}: {before:.4f} -> {final:.4f}); more steps would likely help.")))
 
-    if not any(f.kind in ("divergence", "spikes", "overfit", "underfit") for f in findings):
-        gap = ""
-        if val:
-            l_step, l_val = val[-1]
-            t = sm[min(range(n), key=lambda k: abs(steps[k] - l_step))]
-            gap = f"; validation loss {l_val:.4f} at step {l_step} tracks it (gap {l_val - t:+.4f})"
-        findings.append(Finding("good", (
-            f"Well fit: training loss fell from {start:.4f} to {final:.4f} ({100 * drop:.0f}% drop) without spikes"
-            f"{gap}.")))
-    return findings
+def _check_still_improving(c: _Curve, found: list[Finding]) -> list[Finding]:
+    """Still improving at the end: more steps would help."""
+    j = int(0.8 * len(c.loss))
+    before = statistics.median(c.loss[max(0, j - c.k5):j + 1])
+    if before <= 0 or (before - c.final) / before <= 0.02 or any(f.kind in ("divergence", "overfit") for f in found):
+        return []
+    return [Finding("still_improving", (
+        f"Still improving: the training loss fell {100 * (before - c.final) / before:.1f}% over the last 20% of the "
+        f"run (step {c.steps[j]} -> {c.steps[-1]}: {before:.4f} -> {c.final:.4f}); more steps would likely help."))]
+
+
+def _well_fit(c: _Curve) -> Finding:
+    drop = (c.start - c.final) / c.start if c.start > 0 else 0.0
+    gap = ""
+    if val := [(r["step"], float(r["val_loss"])) for r in c.run.val if _finite(r["val_loss"])]:
+        l_step, l_val = val[-1]
+        gap = f"; validation loss {l_val:.4f} at step {l_step} tracks it (gap {l_val - c.smoothed_at(l_step):+.4f})"
+    return Finding("good", (
+        f"Well fit: training loss fell from {c.start:.4f} to {c.final:.4f} ({100 * drop:.0f}% drop) without spikes"
+        f"{gap}."))
 
 
 # ---------------------------------------------------------------------------------------------
