@@ -198,12 +198,23 @@ def llamacpp_batch_baseline(presets: list[str], batch: int, new: int, repeats: i
             fast_decode.set_quantization(ours, q)
             return time_ours(ours, tok, b, 32, n)
 
-        o, o8, f, q8 = decode_rates([lambda b, n: ours_q(b, n, "none"), lambda b, n: ours_q(b, n, "int8"),
-                                     lambda b, n, r=runners: r["f32"].run(32, n), lambda b, n, r=runners: r["q8_0"].run(32, n)],
-                                    batch, new, repeats)
+        def ours_compiled(b: int, n: int, ours_q=ours_q) -> float:  # fp32, TINYLM_COMPILE_DECODE=1
+            os.environ["TINYLM_COMPILE_DECODE"] = "1"  # (compiled in decode_rates' warm-up call)
+            try:
+                return ours_q(b, n, "none")
+            finally:
+                os.environ.pop("TINYLM_COMPILE_DECODE")
+
+        o, o8, f, q8, c = decode_rates([lambda b, n: ours_q(b, n, "none"), lambda b, n: ours_q(b, n, "int8"),
+                                        lambda b, n, r=runners: r["f32"].run(32, n),
+                                        lambda b, n, r=runners: r["q8_0"].run(32, n), ours_compiled],
+                                       batch, new, repeats)
         fast_decode.set_quantization(ours, None)
         for r in runners.values():
             r.close()
+        print(f"RESULT decode_b{batch}_{preset}_compiled_vs_llamacpp_f32 {c:.1f} {u} ratio={c / f:.2f} "
+              f"vs=llamacpp_f32 (llama.cpp f32 {f:.1f} {u}; tinylm fp32, compiled step; {c / o:.2f}x the eager "
+              f"fast step, {batch} sequences)", flush=True)
         print(f"RESULT decode_b{batch}_{preset}_vs_llamacpp_f32 {o:.1f} {u} ratio={o / f:.2f} vs=llamacpp_f32 "
               f"(llama.cpp f32 {f:.1f} {u}; tinylm fp32, {batch} sequences)", flush=True)
         print(f"RESULT decode_b{batch}_{preset}_int8_vs_llamacpp_q8_0 {o8:.1f} {u} ratio={o8 / q8:.2f} vs=llamacpp_q8_0 "
@@ -344,6 +355,7 @@ def main() -> None:
     p.add_argument("--llamacpp-only", action="store_true", help="only the llama.cpp baseline")
     p.add_argument("--llamacpp-presets", default="tiny,small", help="presets for the llama.cpp baseline")
     p.add_argument("--no-batch16", action="store_true", help="skip the batch-16 llama.cpp baseline")
+    p.add_argument("--no-batch1", action="store_true", help="skip the batch-1 llama.cpp baseline")
     p.add_argument("--cpu-time", action="store_true",
                    help="time decoding in process CPU time (use with --threads 1 on a shared machine)")
     args = p.parse_args()
@@ -354,7 +366,8 @@ def main() -> None:
     new, repeats = (32, 1) if args.quick else (64, 3)
     if not args.no_llamacpp:
         print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, llama.cpp baseline")
-        llamacpp_baseline(args.llamacpp_presets.split(","), new, repeats)
+        if not args.no_batch1:
+            llamacpp_baseline(args.llamacpp_presets.split(","), new, repeats)
         if not args.no_batch16:
             llamacpp_batch_baseline(args.llamacpp_presets.split(","), 16, new, repeats)
         if args.llamacpp_only:

@@ -68,6 +68,16 @@ def test_ragged_rows_use_the_eager_step(eager_compile):
     assert not eager_compile
 
 
+def test_four_or_more_rows_use_the_eager_step(eager_compile):
+    """Compute-bound batches decode eagerly (the compiled graph was slower there)."""
+    model = model_for()
+    ours, _ = prefilled(model, [6] * compiled_decode.MAX_ROWS)
+    tokens = torch.full((compiled_decode.MAX_ROWS,), 3)
+    assert compiled_decode.CompiledDecoder(model)(fast_decode.prepare(model), ours, tokens,
+                                                  torch.arange(compiled_decode.MAX_ROWS)) is None
+    assert not eager_compile
+
+
 def test_int8_one_row_matches_eager_int8_step(eager_compile):
     model = model_for(qk_norm=True)
     fast_decode.set_quantization(model, "int8")
