@@ -1,7 +1,7 @@
 """The OpenAI-style error: an HTTP status and the `{"error": {...}}` body every endpoint returns.
 
-Its own module so that server.py and its helpers (server_tools.py) raise the same error without
-importing each other.
+Its own module so that server.py and its helpers (server_requests.py, server_tools.py, ...) raise the
+same error without importing each other.
 """
 
 from __future__ import annotations

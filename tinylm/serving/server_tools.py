@@ -81,7 +81,7 @@ def parse_enable_thinking(body: dict) -> bool | None:
 def message_fields(m: dict, i: int) -> dict:
     """Tool fields of request message i: an assistant's `tool_calls` (arguments parsed when they are a
     JSON object, else kept as the string the client sent), a tool result's `tool_call_id` / `name`.
-    Exactly what the OpenAPI schema (server.py) allows is accepted: the fuzzer checks both ways."""
+    Exactly what the OpenAPI schema (server_openapi.py) allows is accepted: the fuzzer checks both ways."""
     out = {}
     where = f"messages[{i}].tool_calls"
     calls = m.get("tool_calls")
