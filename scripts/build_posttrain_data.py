@@ -14,7 +14,8 @@ Outputs:
                       answers vs an off-topic answer (another question's) or a truncated one
   reward.jsonl        the same kinds of pairs, with every short bundled chat turn (~3.3k) and 2-3 rejected
                       answers per question: the reward model needs more pairs than DPO to learn "is
-                      this answer about this question"
+                      this answer about this question". Off-topic answers are filtered so that no pair
+                      is ambiguous (reward_sets, off_topic_pool, generic_ok); dpo.jsonl is unfiltered
   reward_val.jsonl    its held-out pairs: 10% of the questions (none of them in reward.jsonl)
 """
 
@@ -24,6 +25,7 @@ import argparse
 import json
 import os
 import random
+import re
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEED = 2024
@@ -129,6 +131,71 @@ def chat_qa(sft_path: str) -> list[tuple[str, str]]:
     return sorted(qa)
 
 
+# Label-quality filters of the reward pairs' off-topic answers (reward_sets).
+_STOP = set("""a an the and or but if then so to of in on at by for with from as is are was were be been am do does did
+have has had not no yes you your yours i me my mine we our us he she it its they them their this that these those
+what which who whom whose when where why how there here can could would should will shall may might must just
+about like really very too also more most some any all one get got go going know think well okay ok oh yeah sure
+good much many out up down over into than only own same such""".split())
+_GREETING = re.compile(r"(hi+|hello+|he+y+|heyo|hiya|sup|yo|howdy|good (morning|afternoon|evening)|你好|嗨|早上好)\b",
+                       re.IGNORECASE)
+_ABOUT_YOU = re.compile(r"\b(you|your|yours|yourself|u|ur)\b|你|您", re.IGNORECASE)
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"[\W_]+", " ", text.lower()).strip()
+
+
+def _content(text: str) -> set[str]:
+    """Content words (latin words of >= 3 letters, not stop words) and CJK character bigrams."""
+    words = {w for w in re.findall(r"[a-z]{3,}", text.lower()) if w not in _STOP}
+    cjk = re.findall(r"[\u4e00-\u9fff]+", text)
+    return words | {run[i:i + 2] for run in cjk for i in range(len(run) - 1)}
+
+
+def _size(text: str) -> int:
+    """Words, counting each CJK character as one."""
+    return len(re.findall(r"[\u4e00-\u9fff]", text)) + len(re.sub(r"[\u4e00-\u9fff]", " ", text).split())
+
+
+def off_topic_pool(qa: list[tuple[str, str]]) -> tuple[dict[str, set[str]], set[str]]:
+    """(answers of each normalised question, answers specific enough to be an unambiguous off-topic negative).
+
+    A chatterbot-style answer that fits many questions ("I don't know", "Yes", "Hi!", the identity answer)
+    makes a mislabelled pair when it is drawn as "the wrong answer". Kept as negatives: answers of >= 4
+    words (CJK characters count one each) given to one (normalised) question only in the whole corpus,
+    to a question that has no other answer (open prompts such as "hey" or "tell me a joke" have many,
+    and their answers fit other open prompts), and not opening with a greeting.
+    """
+    by_q: dict[str, set[str]] = {}
+    qs_of: dict[str, set[str]] = {}
+    for q, a in qa:
+        by_q.setdefault(_norm(q), set()).add(a)
+        qs_of.setdefault(_norm(a), set()).add(_norm(q))
+    specific = {a for q, a in qa if _size(a) >= 4 and len(qs_of[_norm(a)]) == 1
+                and len(by_q[_norm(q)]) == 1 and not _GREETING.match(a)}
+    return by_q, specific
+
+
+def generic_pool(qa: list[tuple[str, str]], specific: set[str]) -> dict[str, set[str]]:
+    """Generic answers (greetings, the identity answer, "Yes", "Paris": the rest) -> content words of the
+    questions they answer. A reward model that never sees one rejected ranks it above the right answer
+    (PPO would then learn to say it everywhere), so each eligible question gets one as a negative."""
+    out: dict[str, set[str]] = {}
+    for q, a in qa:
+        if a not in specific:
+            out.setdefault(a, set()).update(_content(q))
+    return out
+
+
+def generic_ok(q: str, a: str, by_q: dict[str, set[str]], specific: set[str]) -> bool:
+    """May question q (right answer a) get a generic negative without an ambiguous pair? Only a closed
+    question (one answer in the corpus) with a specific right answer, not a greeting, not about the
+    assistant itself ("you", 你: "I am tinylm ..." or "Yes" may be right there)."""
+    return (len(by_q[_norm(q)]) == 1 and a in specific and not _GREETING.match(q)
+            and not _ABOUT_YOU.search(q))
+
+
 def reward_sets(arith: list[dict], qa: list[tuple[str, str]], rng: random.Random,
                 val_fraction: float = 0.1) -> tuple[list[dict], list[dict]]:
     """(train, held-out) reward pairs, split by question so no held-out question is trained on.
@@ -136,10 +203,17 @@ def reward_sets(arith: list[dict], qa: list[tuple[str, str]], rng: random.Random
     Several rejected answers per question (Ouyang et al. 2022 rank K answers per prompt): for chat, two
     off-topic answers (other questions' answers, drawn from the same side of the split) and a truncated
     one (first third, when the answer has >= 8 words); for arithmetic, two different wrong results.
+    An off-topic answer must be unambiguous (see `off_topic_pool`): specific (>= 4 words, given to one
+    question only), not an answer to the same question (after normalising case and punctuation), and
+    sharing no content word with the question or with the right answer (same topic: may fit too).
+    Where `generic_ok`, one of the two is a generic answer instead (a greeting, "I am tinylm ...", a
+    one-word reply) whose own questions share no content word with this one.
     """
     prompts = sorted({r["prompt"] for r in arith} | {q for q, _ in qa})
     rng.shuffle(prompts)
     held = set(prompts[: round(val_fraction * len(prompts))])
+    by_q, specific = off_topic_pool(qa)
+    generic = generic_pool(qa, specific)
     sides: tuple[list[dict], list[dict]] = ([], [])
     for r in arith:  # chosen/rejected differ only in the result: add a second wrong result
         right = r["chosen"].rsplit("<answer>\n", 1)[1].split("\n")[0]
@@ -150,11 +224,23 @@ def reward_sets(arith: list[dict], qa: list[tuple[str, str]], rng: random.Random
         side += [r, {"prompt": r["prompt"], "chosen": r["chosen"], "rejected": second}]
     for k, side in enumerate(sides):
         mine = [(q, a) for q, a in qa if (q in held) == bool(k)]
+        pool = sorted({a for _, a in mine if a in specific})
+        common = sorted({a for _, a in mine if a in generic})
         for q, a in mine:
             words, bad = a.split(), []
-            while len(bad) < 2:
-                other = mine[rng.randrange(len(mine))][1]
-                if other != a and other not in bad:
+            same = by_q[_norm(q)]
+            near = _content(q) | _content(a)
+            if generic_ok(q, a, by_q, specific):  # one generic negative, asked of another topic
+                for _ in range(50):
+                    other = common[rng.randrange(len(common))]
+                    if other not in same and not (_content(other) | generic[other]) & near:
+                        bad.append(other)
+                        break
+            for _ in range(50):  # bounded: a question may get fewer than two off-topic answers
+                if len(bad) == 2:
+                    break
+                other = pool[rng.randrange(len(pool))]
+                if other not in same and other not in bad and not _content(other) & near:
                     bad.append(other)
             if len(words) >= 8:
                 bad.append(" ".join(words[: len(words) // 3]))
