@@ -12,6 +12,8 @@ random order, so that the model must choose: ~60% longer prompts, too slow for t
 Outputs (the held-out split shares no (task, arguments) with the others; its countries are unseen):
   train.jsonl / val.jsonl   SFT rows {"messages", "tools", "enable_thinking"?} (OpenAI format)
   rl_prompts.jsonl          {"prompt", "answer"} for agentic RL (recipes/agent_rl.yaml)
+  rl_prompts_new_countries.jsonl   the RL prompts + lookups of countries no SFT row names, shuffled
+                            (recipes/agent_rl_smollm2.yaml)
   warmup.jsonl (--warmup)   {"text"}: the train rows as short plain text, 4 a row (copying warm-up)
   test_prompts.jsonl        held-out {"prompt", "answer"}: tool-task accuracy (python -m tinylm.posttrain.agent_rl)
 """
@@ -32,6 +34,10 @@ from tinylm.inference.tools import COUNTRIES, TOOLS, run_tool  # noqa: E402
 
 SEED = 2026
 HELD_OUT_COUNTRIES = {"chile", "norway", "kenya"}
+# In the tool's table but in no SFT row: lookups of these only in rl_prompts_new_countries.jsonl, so that
+# agentic RL meets countries the SFT model never saw (as the held-out split does) and can be rewarded
+# for reading the field from the question rather than from the country it remembers.
+RL_ONLY_COUNTRIES = ["italy", "spain", "sweden", "peru", "nigeria", "vietnam", "argentina", "thailand"]
 FIRST_TRAIN = 3000
 
 
@@ -126,9 +132,9 @@ def row(rng: random.Random, question: str, tool: str, args: dict, distractor: bo
 
 
 def build(n_train: int, n_val: int, n_rl: int, n_test: int, out_dir: str, distractor: bool = False,
-          warmup: bool = False) -> dict[str, int]:
+          warmup: bool = False, n_rl_new: int = 300) -> dict[str, int]:
     rng = random.Random(SEED)
-    seen_countries = [c for c in COUNTRIES if c not in HELD_OUT_COUNTRIES]
+    seen_countries = [c for c in COUNTRIES if c not in HELD_OUT_COUNTRIES and c not in RL_ONLY_COUNTRIES]
     test, test_keys = [], set()
     while len(test) < n_test:  # held-out first: unseen countries, and its keys are excluded below
         q, tool, args = make(rng, sorted(HELD_OUT_COUNTRIES))
@@ -153,6 +159,11 @@ def build(n_train: int, n_val: int, n_rl: int, n_test: int, out_dir: str, distra
              "val.jsonl": [r[0] for r in val],
              "rl_prompts.jsonl": [r[1] for r in rl],
              "test_prompts.jsonl": test}
+    if n_rl_new:  # drawn last: the files above stay what they were without it
+        new = [row(rng, *lookup(rng, RL_ONLY_COUNTRIES), distractor)[1] for _ in range(n_rl_new)]
+        mixed = [r[1] for r in rl] + new
+        rng.shuffle(mixed)
+        files["rl_prompts_new_countries.jsonl"] = mixed
     if warmup:  # SFT train rows only, so no val / RL / held-out task leaks in
         texts = [warmup_text(r[0]) for r in train]
         files["warmup.jsonl"] = [{"text": "".join(texts[i:i + 4])} for i in range(0, len(texts), 4)]
@@ -170,10 +181,12 @@ def main() -> int:
     ap.add_argument("--val", type=int, default=100)
     ap.add_argument("--rl", type=int, default=600)
     ap.add_argument("--test", type=int, default=100)
+    ap.add_argument("--rl-new", type=int, default=300,
+                    help="lookups of RL-only countries added to rl_prompts_new_countries.jsonl (0: no such file)")
     ap.add_argument("--distractor", action="store_true", help="offer a second, unneeded tool in every row")
     ap.add_argument("--warmup", action="store_true", help="also write warmup.jsonl (plain-text copying warm-up)")
     args = ap.parse_args()
-    counts = build(args.train, args.val, args.rl, args.test, args.out, args.distractor, args.warmup)
+    counts = build(args.train, args.val, args.rl, args.test, args.out, args.distractor, args.warmup, args.rl_new)
     print(" ".join(f"{k}={v}" for k, v in counts.items()), "->", args.out)
     return 0
 

@@ -185,3 +185,16 @@ def test_report_plots_reward_model_and_ppo_metrics(runs, tmp_path):
     assert "rm_accuracy.png" in {p.name for p in (tmp_path / "rm" / "plots").iterdir()}
     assert {"reward.png", "kl.png", "ppo_losses.png", "ppo_clipfrac.png", "explained_variance.png",
             "completion_len.png"} <= {p.name for p in (tmp_path / "ppo" / "plots").iterdir()}
+
+
+def test_tool_recipes_chain(runs):
+    """recipes/tool_sft(_smollm2).yaml -> agent_rl(_smollm2).yaml on the micro model: tool rows through the
+    tool template, then GRPO with tools in the rollout (LoRA on a LoRA run's merged output for SmolLM2)."""
+    run_recipe(runs, "tool_sft", "tool_sft", f"model={runs['micro']}", "seq_len=448")  # rows are ~340 tokens
+    rl = ["grpo.group_size=2", "grpo.max_new_tokens=8", "grpo.max_turns=1", "seq_len=448"]
+    run_recipe(runs, "agent_rl", "agent_rl", f"model={runs['tool_sft']}", *rl)
+    run_recipe(runs, "tool_sft_smollm2", "tool_sft_lora", f"model={runs['micro']}", "seq_len=448")
+    assert (runs["tool_sft_lora"] / "adapter_config.json").exists()
+    _, lines = run_recipe(runs, "agent_rl_smollm2", "agent_rl_lora", f"model={runs['tool_sft_lora']}", *rl)
+    assert "trainable /" in lines[0]
+    assert any("reward" in row for row in metrics(runs["agent_rl_lora"]))

@@ -153,3 +153,21 @@ def test_reason_stage_runs_on_smollm2(smol, tmp_path) -> None:
     summary = train(cfg, objective=obj, log=lambda *a, **k: None)
     assert obj.tag_ids is None and obj.tag_spans is not None
     assert summary["step"] == 1 and math.isfinite(summary["loss"])
+
+
+def test_tool_rows_render_with_the_tool_template_on_smollm2(smol) -> None:
+    """SmolLM2's own template (ChatML + a default system prompt) knows no tools and would drop `tools` and
+    `tool_calls` silently; its ChatML tokens get tinylm's tool template, and the loss mask covers the call
+    JSON and the answer but not the tool result."""
+    from tinylm.text.chat_format import encode_chat
+    from tinylm.text.tool_format import TOOL_TEMPLATE, template_for
+
+    _, _, tok = smol
+    row = json.loads(open("data/tools/train.jsonl", encoding="utf-8").readline())
+    assert template_for(tok) == TOOL_TEMPLATE
+    ids, mask = encode_chat(tok, row["messages"], tools=row["tools"])
+    text = tok.decode(ids)
+    assert "<tools>" in text and "<tool_call>" in text and "<tool_response>" in text
+    trained = tok.decode([i for i, m in zip(ids, mask) if m])
+    assert '"convert_units"' in trained and "84.7344 m." in trained
+    assert "<tool_response>" not in trained and "Convert a value" not in trained

@@ -12,6 +12,7 @@ import pytest
 
 from tinylm.data.formats import DataError, parse_record
 from tinylm.inference.tools import (
+    COUNTRIES,
     calculate,
     convert_units,
     date_add,
@@ -217,3 +218,35 @@ def test_run_agent_loop_and_limits(tok):
     looping = ToolLM(tok, [CALL, 2], [CALL, 2])  # never answers: stopped by max_turns
     res = run_agent(looping, tok, [{"role": "user", "content": "?"}], ["calculator"], max_turns=3)
     assert not res.finished and res.answer == "" and res.n_calls == 3
+
+
+def test_bundled_tool_data_splits(tmp_path):
+    """data/tools is what scripts/build_tool_data.py writes (deterministic); the held-out countries and the
+    RL-only countries occur in no SFT row; rl_prompts_new_countries.jsonl = the RL prompts + lookups of the
+    RL-only countries, each answer what the tool returns."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, os.path.join(root, "scripts", "build_tool_data.py"), "--out", str(tmp_path)],
+                   check=True, capture_output=True, timeout=300)
+    names = ["train.jsonl", "val.jsonl", "rl_prompts.jsonl", "test_prompts.jsonl", "rl_prompts_new_countries.jsonl"]
+    for name in names:
+        with open(os.path.join(root, "data", "tools", name), encoding="utf-8") as f:
+            assert (tmp_path / name).read_text(encoding="utf-8") == f.read(), name
+    sys.path.insert(0, os.path.join(root, "scripts"))
+    try:
+        from build_tool_data import HELD_OUT_COUNTRIES, RL_ONLY_COUNTRIES
+    finally:
+        sys.path.pop(0)
+    sft = (tmp_path / "train.jsonl").read_text(encoding="utf-8").lower()
+    assert not any(re.search(rf"\b{c}\b", sft) for c in [*HELD_OUT_COUNTRIES, *RL_ONLY_COUNTRIES])
+    rl = [json.loads(line) for line in (tmp_path / "rl_prompts.jsonl").open(encoding="utf-8")]
+    mixed = [json.loads(line) for line in (tmp_path / "rl_prompts_new_countries.jsonl").open(encoding="utf-8")]
+    new = [r for r in mixed if r not in rl]
+    assert len(mixed) == len(rl) + len(new) and len(new) == 300
+    for r in new:
+        country = next(c for c in RL_ONLY_COUNTRIES if c.title() in r["prompt"])
+        assert r["tools"] == ["lookup_country"] and str(COUNTRIES[country][_field(r["prompt"])]) == r["answer"]
+
+
+def _field(question: str) -> str:
+    return next(f for k, f in [("capital", "capital"), ("population", "population_millions"),
+                               ("area", "area_km2"), ("currency", "currency")] if k in question)

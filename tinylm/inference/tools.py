@@ -221,6 +221,15 @@ COUNTRIES = {
     "australia": {"capital": "Canberra", "population_millions": 27, "area_km2": 7692024, "currency": "dollar"},
     "germany": {"capital": "Berlin", "population_millions": 84, "area_km2": 357588, "currency": "euro"},
     "chile": {"capital": "Santiago", "population_millions": 20, "area_km2": 756102, "currency": "peso"},
+    # Countries that no SFT row names: agentic RL prompts only (scripts/build_tool_data.py --rl-new).
+    "italy": {"capital": "Rome", "population_millions": 59, "area_km2": 301340, "currency": "euro"},
+    "spain": {"capital": "Madrid", "population_millions": 48, "area_km2": 505990, "currency": "euro"},
+    "sweden": {"capital": "Stockholm", "population_millions": 10, "area_km2": 450295, "currency": "krona"},
+    "peru": {"capital": "Lima", "population_millions": 34, "area_km2": 1285216, "currency": "sol"},
+    "nigeria": {"capital": "Abuja", "population_millions": 224, "area_km2": 923768, "currency": "naira"},
+    "vietnam": {"capital": "Hanoi", "population_millions": 99, "area_km2": 331210, "currency": "dong"},
+    "argentina": {"capital": "Buenos Aires", "population_millions": 46, "area_km2": 2780400, "currency": "peso"},
+    "thailand": {"capital": "Bangkok", "population_millions": 72, "area_km2": 513120, "currency": "baht"},
 }
 
 

@@ -12,6 +12,8 @@ rewards.py. `grpo.loss_type: cispo` (MiniMax-M1, 2025) is the usual pairing: grp
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from tinylm.inference.agent import Trajectory, agent_rollout, trajectory_text
@@ -43,9 +45,10 @@ def keep_mask(trajs: list[Trajectory]) -> torch.Tensor:
 
 @torch.no_grad()
 def tool_accuracy(model, tokenizer, rows: list[dict], tools: list[str], max_turns: int = 4,
-                  max_new_tokens: int = 96, batch: int = 16) -> dict[str, float]:
+                  max_new_tokens: int = 96, batch: int = 16, failures: list | None = None) -> dict[str, float]:
     """Greedy held-out tool-task accuracy: the fraction of rows whose final answer is right, the fraction
-    with a well-formed trajectory, and the mean number of tool calls."""
+    with a well-formed trajectory, the mean number of tool calls, and the accuracy per offered tool
+    (`accuracy_<tool>`, rows keyed by their first tool). Wrong rows are appended to `failures`."""
     from tinylm.inference.sampler import eos_ids_of, prompt_messages
     from tinylm.posttrain.rewards import tool_accuracy_reward, tool_format_reward
 
@@ -56,11 +59,19 @@ def tool_accuracy(model, tokenizer, rows: list[dict], tools: list[str], max_turn
         trajs = agent_rollout(model, tokenizer, [prompt_messages(r) for r in chunk],
                               [r.get("tools") or tools for r in chunk], max_turns, max_new_tokens, 0.0, eos)
         texts = [trajectory_text(tokenizer, t) for t in trajs]
-        acc += tool_accuracy_reward([], texts, answer=[r["answer"] for r in chunk])
+        right = tool_accuracy_reward([], texts, answer=[r["answer"] for r in chunk])
+        acc += right
         fmt += tool_format_reward([], texts)
         calls += [t.n_calls for t in trajs]
+        if failures is not None:
+            failures += [{**r, "trajectory": x} for r, x, ok in zip(chunk, texts, right) if not ok]
     n = max(len(acc), 1)
-    return {"accuracy": sum(acc) / n, "format": sum(fmt) / n, "calls": sum(calls) / n}
+    res = {"accuracy": sum(acc) / n, "format": sum(fmt) / n, "calls": sum(calls) / n}
+    kinds = [(r.get("tools") or tools)[0] for r in rows]
+    for kind in sorted(set(kinds)):
+        hits = [a for a, k in zip(acc, kinds) if k == kind]
+        res[f"accuracy_{kind}"] = sum(hits) / len(hits)
+    return res
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,11 +88,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tools", default=",".join(TOOLS))
     ap.add_argument("--max-turns", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=96)  # per turn: a think note + a date or unit call is up to ~75
+    ap.add_argument("--failures", default="", help="write the wrong rows with their trajectories to this jsonl")
     args = ap.parse_args(argv)
     model, tok = load_model(args.model)
+    failures: list[dict] = []
     res = tool_accuracy(model, tok, load_prompts(args.prompts), args.tools.split(","), args.max_turns,
-                        args.max_new_tokens)
+                        args.max_new_tokens, failures=failures)
     print(" ".join(f"{k}={v:.4f}" for k, v in res.items()))
+    if args.failures:
+        with open(args.failures, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in failures)
+        print(f"{len(failures)} wrong rows -> {args.failures}")
     return 0
 
 

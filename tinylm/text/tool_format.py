@@ -80,11 +80,22 @@ def needs_tool_path(messages: list[dict], tools: list | None, enable_thinking: b
 
 
 def template_for(tokenizer) -> str | None:
-    """The template to render tool conversations with: TOOL_TEMPLATE for a ChatML tokenizer (whatever
-    ChatML variant it stores), else the tokenizer's own (Qwen3, SmolLM3, ... know tools themselves)."""
-    from tinylm.text.chatml import is_chatml
+    """The template to render tool conversations with: TOOL_TEMPLATE for a ChatML tokenizer, and for one
+    with ChatML tokens whose own template knows no tools (SmolLM2: a ChatML variant with a default system
+    prompt, which would silently drop `tools` and `tool_calls`); else the tokenizer's own (Qwen3,
+    SmolLM3, ... render tools themselves)."""
+    from tinylm.text.chatml import IM_END, IM_START, is_chatml
 
-    return TOOL_TEMPLATE if is_chatml(tokenizer) else None
+    if is_chatml(tokenizer):
+        return TOOL_TEMPLATE
+    own = getattr(tokenizer, "chat_template", None) or ""
+    cached = getattr(tokenizer, "_tinylm_tool_template", None)  # get_vocab() copies 50k entries: once only
+    if cached is None or cached[0] != own:
+        vocab = tokenizer.get_vocab()
+        chatml_tokens = IM_START in vocab and IM_END in vocab
+        cached = (own, TOOL_TEMPLATE if chatml_tokens and "tool" not in own else None)
+        tokenizer._tinylm_tool_template = cached
+    return cached[1]
 
 
 def canonical_calls(calls: list[dict]) -> list[dict]:
@@ -172,11 +183,10 @@ def render_ids(tokenizer, messages: list[dict], tools: list | None = None, enabl
 def install_template(model_dir: str) -> None:
     """Write TOOL_TEMPLATE into `model_dir/tokenizer_config.json` (a ChatML tinylm tokenizer only), so that
     transformers / vLLM / exports render tools exactly as tinylm trained them."""
-    from tinylm.text.chatml import is_chatml
     from tinylm.text.tokenizer import load_tokenizer, make_tokenizer_config_portable
 
-    if not is_chatml(load_tokenizer(model_dir)):
-        raise ValueError(f"{model_dir}: the tokenizer's chat template is not ChatML; it keeps its own tool template")
+    if template_for(load_tokenizer(model_dir)) != TOOL_TEMPLATE:
+        raise ValueError(f"{model_dir}: the tokenizer's chat template renders tools itself; it keeps its own")
     make_tokenizer_config_portable(model_dir, TOOL_TEMPLATE)
 
 
