@@ -95,17 +95,17 @@ def decode_rates(fns: list, batch: int, new: int, repeats: int) -> list[float]:
 def load_llamacpp(model, outtype: str, d: str, threads: int):
     """Export `model` with tinylm's GGUF writer and load it in llama.cpp (None if not installed)."""
     try:
-        import llama_cpp
+        import llama_cpp  # noqa: F401  (None when llama-cpp-python is absent)
     except ImportError:
         return None
-    from tinylm.export.gguf_export import export_gguf
+    from tinylm.export.gguf_export import export_gguf, open_in_llama_cpp
     from tinylm.text.tokenizer import load_tokenizer, save_pretrained_portable
 
     if not os.path.exists(f"{d}/tinylm/config.json"):
         model.save_pretrained(f"{d}/tinylm")
         save_pretrained_portable(load_tokenizer(), f"{d}/tinylm")
     path = export_gguf(f"{d}/tinylm", f"{d}/m.{outtype}.gguf", outtype).path
-    return llama_cpp.Llama(path, n_ctx=256, n_batch=256, n_threads=threads, n_threads_batch=threads, verbose=False)
+    return open_in_llama_cpp(path, n_ctx=256, n_batch=256, n_threads=threads, n_threads_batch=threads, verbose=False)
 
 
 def clock_name() -> str:

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import tinylm
-from tinylm.export.gguf_export import export_gguf, gguf_arch
+from tinylm.export.gguf_export import export_gguf, gguf_arch, open_in_llama_cpp
 from tinylm.export.ollama import OLLAMA_TEMPLATE, modelfile_text, write_modelfile
 from tinylm.models.config import TinyLMConfig
 from tinylm.text.tokenizer import CHATML_TEMPLATE, load_tokenizer, save_pretrained_portable
@@ -86,8 +86,8 @@ def llama(path: str | Path):
     """llama.cpp with an f32 KV cache: its default f16 cache alone moves trained logits by ~1e-3 relative."""
     llama_cpp = pytest.importorskip("llama_cpp")
     f32 = llama_cpp.GGML_TYPE_F32
-    return llama_cpp.Llama(str(path), logits_all=True, n_ctx=256, n_threads=2, n_batch=256, verbose=False, seed=0,
-                           type_k=f32, type_v=f32)
+    return open_in_llama_cpp(path, logits_all=True, n_ctx=256, n_threads=2, n_batch=256, verbose=False, seed=0,
+                             type_k=f32, type_v=f32)  # no AMX buffers on AMX CPUs: they crash there
 
 
 def llama_logits(llm, ids: list[int]) -> np.ndarray:

@@ -52,6 +52,40 @@ class GGUFSummary:
 # ---------------------------------------------------------------------------------------------
 # architecture choice
 # ---------------------------------------------------------------------------------------------
+def cpu_has_amx() -> bool:
+    """True on x86 CPUs with AMX int8 tiles (Intel Sapphire Rapids and later)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return " amx_int8" in f.read()
+    except OSError:
+        return False
+
+
+def open_in_llama_cpp(path: str | Path, **kwargs):
+    """`llama_cpp.Llama(path, **kwargs)` (PyPI llama-cpp-python), for checking an exported GGUF.
+
+    On AMX CPUs, llama.cpp's AMX weight buffers (its "extra buffer types", used for q4_0 / q8_0 / K-quants)
+    crash with a segmentation fault on our small models (seen with llama-cpp-python 0.3.36 on a `tiny`
+    q8_0 export; f32 is unaffected), so there they are switched off (llama.cpp's `--no-repack`)."""
+    import llama_cpp
+    import llama_cpp.llama_cpp as low_level  # the ctypes module Llama() calls
+
+    if not cpu_has_amx():
+        return llama_cpp.Llama(str(path), **kwargs)
+    default = low_level.llama_model_default_params
+
+    def no_extra_buffers():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    low_level.llama_model_default_params = no_extra_buffers  # Llama() reads it once, in __init__
+    try:
+        return llama_cpp.Llama(str(path), **kwargs)
+    finally:
+        low_level.llama_model_default_params = default
+
+
 def gguf_arch(config, expert_bias_zero: bool = True) -> str:
     """The llama.cpp architecture whose forward equals ours; ValueError lists every mismatch."""
     problems = []
