@@ -92,17 +92,7 @@ def arithmetic_sets(rng: random.Random, n_eval: int) -> tuple[list, list, list, 
 
 def chat_pairs(sft_path: str, n: int, rng: random.Random) -> list[dict]:
     """Single-turn Q/A from the bundled SFT data -> (good answer, off-topic or truncated answer)."""
-    qa, seen = [], set()
-    with open(sft_path, encoding="utf-8") as f:
-        for line in f:
-            msgs = [m for m in json.loads(line)["messages"] if m["role"] != "system"]
-            if len(msgs) < 2 or msgs[0]["role"] != "user" or msgs[1]["role"] != "assistant":
-                continue
-            q, a = msgs[0]["content"].strip(), msgs[1]["content"].strip()
-            if q and a and len(q) + len(a) <= 400 and (q, a) not in seen:  # short pairs fit seq_len 128
-                seen.add((q, a))
-                qa.append((q, a))
-    qa.sort()
+    qa = chat_qa(sft_path)  # short pairs fit seq_len 128
     rng.shuffle(qa)
     out = []
     for i, (q, a) in enumerate(qa[:n]):
