@@ -88,32 +88,15 @@ def accumulate_gradients(objective: Any, engine: Any, batches: Any, n_micro: int
                          amp: Any, micro_scale: float) -> tuple[torch.Tensor, dict[str, float], float]:
     """Forward + `engine.backward(loss_sum * micro_scale)` per micro-batch (no 1/G: scale_wrt_gas=False);
     `engine.step()` after all but the last, whose step (the accumulation boundary) is `finish_step`'s.
-    Returns (stats, metrics, data_seconds) as `accumulate_gradients` in train.py."""
-    import time
+    Returns (stats, metrics, data_seconds) as loop_parts.accumulate_gradients, which it runs."""
+    from tinylm.training.loop_parts import accumulate_gradients as accumulate
 
-    from tinylm.training.objectives import count_tokens, to_device
-
-    stats = torch.zeros(4, dtype=torch.float64, device=device)
-    extra: dict[str, float] = {}
-    data_s = 0.0
-    it = iter(batches)
-    for micro in range(n_micro):
-        t_data = time.time()
-        batch = next(it)
-        stats[2] += count_tokens(batch)
-        batch = to_device(batch, device)
-        data_s += time.time() - t_data
-        with amp():
-            loss_sum, n_items, metrics = objective.loss(engine, batch)
-        engine.backward(loss_sum * micro_scale, scale_wrt_gas=False)  # the boundary one reduces (ZeRO-2/3)
+    def backward(scaled: torch.Tensor, micro: int) -> None:
+        engine.backward(scaled, scale_wrt_gas=False)  # the boundary one reduces (ZeRO-2/3)
         if micro < n_micro - 1:
             engine.step()  # not a boundary: only counts the micro-step
-        stats[0] += loss_sum.detach().double()
-        stats[1] += float(n_items)
-        stats[2] += batch.pop("sampled_tokens", 0)
-        for k, v in metrics.items():
-            extra[k] = extra.get(k, 0.0) + float(v) / n_micro
-    return stats, extra, data_s
+
+    return accumulate(objective, engine, batches, n_micro, device, amp, micro_scale=micro_scale, backward=backward)
 
 
 def finish_step(engine: Any, n_total: float, world: int, micro_scale: float) -> float:

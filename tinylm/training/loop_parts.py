@@ -132,12 +132,14 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int, time_progress: float = 
 
 def accumulate_gradients(objective: Any, model: torch.nn.Module, batches: Any, n_micro: int,
                          device: torch.device, amp: Any = contextlib.nullcontext, scaler: Any = None,
-                         micro_scale: float = 1.0, ddp: bool = False) -> tuple[torch.Tensor, dict, float]:
+                         micro_scale: float = 1.0, ddp: bool = False,
+                         backward: Any = None) -> tuple[torch.Tensor, dict, float]:
     """Forward + backward over the micro-batches of one optimizer step.
 
     Gradients accumulate d(sum_micro loss_sum * micro_scale). Returns (stats, metrics, data_seconds):
     stats = float64 [sum of item losses, n_items, non-padding tokens, 0] (all-reduce it under DDP),
-    metrics = the objective's extra scalars averaged over micro-batches.
+    metrics = the objective's extra scalars averaged over micro-batches. `backward(scaled_loss, micro)`
+    replaces the plain `.backward()` (DeepSpeed's engine does its own).
     """
     stats = torch.zeros(4, dtype=torch.float64, device=device)
     extra: dict[str, float] = {}
@@ -155,7 +157,10 @@ def accumulate_gradients(objective: Any, model: torch.nn.Module, batches: Any, n
             with amp():
                 loss_sum, n_items, metrics = objective.loss(model, batch)
             scaled = loss_sum * micro_scale
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            if backward is not None:
+                backward(scaled, micro)
+            else:
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
         stats[0] += loss_sum.detach().double()
         stats[1] += float(n_items)
         stats[2] += batch.pop("sampled_tokens", 0)  # GRPO: tokens known only after sampling in loss()
