@@ -166,10 +166,11 @@ def _jsonl_records(path: Path) -> Iterator[tuple[str, Callable[[], dict]]]:
     """(where, read) per non-empty line; `read()` parses the line's JSON object or raises naming it."""
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if line.strip():
-            yield f"{path}:{n}", partial(_parse_line, line, f"{path}:{n}")
+            yield f"{path}:{n}", partial(parse_json_object, line, f"{path}:{n}")
 
 
-def _parse_line(line: str, where: str) -> dict:
+def parse_json_object(line: str, where: str) -> dict:
+    """One jsonl line that must hold a JSON object; errors name `where` (file:line)."""
     try:
         raw = json.loads(line)
     except json.JSONDecodeError as e:

@@ -602,6 +602,11 @@ def generate(model, tokenizer, prompts: list[str] | list[list[int]], params: Sam
     gen = BatchGenerator(model, tokenizer, max_batch=min(max_batch, len(encoded)), max_seq_len=max_len)
     seqs = [gen.new_sequence(ids, params, split_think=chat, in_think=chat and prompt_opens_think(tokenizer, ids))
             for ids in encoded]
+    return run_to_completion(gen, seqs)
+
+
+def run_to_completion(gen: BatchGenerator, seqs: list[Sequence]) -> list[Completion]:
+    """Add `seqs` to `gen`, step until every one finished, and return their completions in order."""
     for s in seqs:
         gen.add(s)
     while gen.has_work():

@@ -31,7 +31,14 @@ from typing import Any
 import torch
 from PIL import Image
 
-from tinylm.inference.generate import BatchGenerator, Completion, SamplingParams, Sequence, prompt_opens_think
+from tinylm.inference.generate import (
+    BatchGenerator,
+    Completion,
+    SamplingParams,
+    Sequence,
+    prompt_opens_think,
+    run_to_completion,
+)
 from tinylm.models.vision import VisionLM
 
 
@@ -111,12 +118,7 @@ def generate_vlm(vlm: VisionLM, tokenizer: Any, requests: list[tuple[list[dict],
     gen = VisionBatchGenerator(vlm, tokenizer, max_batch=min(max_batch, len(encoded)), max_seq_len=max_len)
     seqs = [gen.new_sequence(ids, params, images=imgs, split_think=True, in_think=prompt_opens_think(tokenizer, ids))
             for ids, (_, imgs) in zip(encoded, requests)]
-    for s in seqs:
-        gen.add(s)
-    while gen.has_work():
-        gen.step()
-    return [Completion(s.content, s.reasoning, s.output_ids, len(s.prompt_ids), s.finish_reason or "stop")
-            for s in seqs]
+    return run_to_completion(gen, seqs)
 
 
 def load_vlm_for_inference(model_dir: str, lora: str | None = None, dtype: str | None = "auto",

@@ -26,7 +26,13 @@ from pathlib import Path
 
 from PIL import Image
 
-from tinylm.data.vision_data import decode_image, parse_messages, place_images, read_image_bytes
+from tinylm.data.vision_data import (
+    decode_image,
+    parse_json_object,
+    parse_messages,
+    place_images,
+    read_image_bytes,
+)
 
 
 def read_image_prompts(path: str, images: list[str], system: str | None = None,
@@ -41,12 +47,7 @@ def read_image_prompts(path: str, images: list[str], system: str | None = None,
         if not line.strip():
             continue
         where = f"{path}:{n}"
-        try:
-            raw = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
-        if not isinstance(raw, dict):
-            raise ValueError(f"{where}: expected a JSON object")
+        raw = parse_json_object(line, where)
         if isinstance(raw.get("prompt"), str):
             raw = {**raw, "messages": [{"role": "user", "content": raw["prompt"]}]}
         msgs = parse_messages(raw, where)
