@@ -335,8 +335,9 @@ def train_step(run: Run, loop: Loop) -> Step:
         group["lr"] = lr
     batches = (next(run.train_stream) for _ in range(cfg.grad_accum))
     if run.engine is not None:  # parallel=deepspeed: its engine owns backward (tinylm/training/deepspeed_zero.py)
-        stats, extra, data_s = deepspeed_zero.accumulate_gradients(run.objective, run.engine, batches, cfg.grad_accum,
-                                                                   run.device, run.amp, run.micro_scale)
+        stats, extra, data_s = accumulate_gradients(run.objective, run.engine, batches, cfg.grad_accum, run.device,
+                                                    run.amp, micro_scale=run.micro_scale,
+                                                    backward=deepspeed_zero.engine_backward(run.engine, cfg.grad_accum))
     else:
         stats, extra, data_s = accumulate_gradients(run.objective, run.fwd_model, batches, cfg.grad_accum,
                                                     run.device, run.amp, run.scaler, run.micro_scale,

@@ -84,19 +84,17 @@ def is_zero3(model: torch.nn.Module) -> bool:
 
 # -- one optimizer step ----------------------------------------------------------------------------
 
-def accumulate_gradients(objective: Any, engine: Any, batches: Any, n_micro: int, device: torch.device,
-                         amp: Any, micro_scale: float) -> tuple[torch.Tensor, dict[str, float], float]:
-    """Forward + `engine.backward(loss_sum * micro_scale)` per micro-batch (no 1/G: scale_wrt_gas=False);
-    `engine.step()` after all but the last, whose step (the accumulation boundary) is `finish_step`'s.
-    Returns (stats, metrics, data_seconds) as loop_parts.accumulate_gradients, which it runs."""
-    from tinylm.training.loop_parts import accumulate_gradients as accumulate
+def engine_backward(engine: Any, n_micro: int) -> Any:
+    """The `backward(scaled_loss, micro)` of loop_parts.accumulate_gradients under DeepSpeed:
+    `engine.backward(loss_sum * micro_scale)` (no 1/G: scale_wrt_gas=False), then `engine.step()` after
+    all but the last micro-batch, whose step (the accumulation boundary) is `finish_step`'s."""
 
     def backward(scaled: torch.Tensor, micro: int) -> None:
         engine.backward(scaled, scale_wrt_gas=False)  # the boundary one reduces (ZeRO-2/3)
         if micro < n_micro - 1:
             engine.step()  # not a boundary: only counts the micro-step
 
-    return accumulate(objective, engine, batches, n_micro, device, amp, micro_scale=micro_scale, backward=backward)
+    return backward
 
 
 def finish_step(engine: Any, n_total: float, world: int, micro_scale: float) -> float:
