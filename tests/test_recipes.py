@@ -187,7 +187,7 @@ def test_report_plots_reward_model_and_ppo_metrics(runs, tmp_path):
             "completion_len.png"} <= {p.name for p in (tmp_path / "ppo" / "plots").iterdir()}
 
 
-def test_tool_recipes_chain(runs):
+def test_tool_recipes_chain(runs, capsys):
     """recipes/tool_sft(_smollm2).yaml -> agent_rl(_smollm2).yaml on the micro model: tool rows through the
     tool template, then GRPO with tools in the rollout (LoRA on a LoRA run's merged output for SmolLM2)."""
     run_recipe(runs, "tool_sft", "tool_sft", f"model={runs['micro']}", "seq_len=448")  # rows are ~340 tokens
@@ -198,3 +198,8 @@ def test_tool_recipes_chain(runs):
     _, lines = run_recipe(runs, "agent_rl_smollm2", "agent_rl_lora", f"model={runs['tool_sft_lora']}", *rl)
     assert "trainable /" in lines[0]
     assert any("reward" in row for row in metrics(runs["agent_rl_lora"]))
+    from tinylm.models.loading import load_model
+
+    capsys.readouterr()
+    load_model(str(runs["agent_rl_lora"]))  # RL adapter on (base + merged SFT adapter): that is its base
+    assert "warning" not in capsys.readouterr().err

@@ -144,4 +144,5 @@ def load_model_with_adapter(adapter_dir: str | Path, base: str | None = None, me
     load_adapter(model, adapter_dir)
     if merge:
         merge_lora(model)
+        model.name_or_path = str(adapter_dir)  # what it now is: an adapter stacked on it checks this base
     return model, tokenizer
