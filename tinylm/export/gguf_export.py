@@ -50,7 +50,7 @@ class GGUFSummary:
 
 
 # ---------------------------------------------------------------------------------------------
-# architecture choice
+# checking an export in llama.cpp
 # ---------------------------------------------------------------------------------------------
 def cpu_has_amx() -> bool:
     """True on x86 CPUs with AMX int8 tiles (Intel Sapphire Rapids and later)."""
@@ -86,6 +86,9 @@ def open_in_llama_cpp(path: str | Path, **kwargs):
         low_level.llama_model_default_params = default
 
 
+# ---------------------------------------------------------------------------------------------
+# architecture choice
+# ---------------------------------------------------------------------------------------------
 def gguf_arch(config, expert_bias_zero: bool = True) -> str:
     """The llama.cpp architecture whose forward equals ours; ValueError lists every mismatch."""
     problems = []
