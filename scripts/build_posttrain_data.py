@@ -239,6 +239,20 @@ def reward_sets(arith: list[dict], qa: list[tuple[str, str]], rng: random.Random
     return sides
 
 
+def ppo_prompt_sets(train: list[dict], held: list[dict], qa: list[tuple[str, str]], rng: random.Random,
+                    n_eval: int = 100) -> tuple[list[dict], list[dict]]:
+    """Chat prompts for PPO with the reward model: the questions of its training pairs, and `n_eval` of its
+    held-out questions (never seen by the reward model or the policy's RL) for the held-out reward. Closed
+    questions only (one answer in the corpus, see `off_topic_pool`): open ones ("hey") have no wrong answer."""
+    by_q, _ = off_topic_pool(qa)
+
+    def closed(rows: list[dict]) -> list[dict]:
+        return [{"prompt": q} for q in sorted({r["prompt"] for r in rows}) if len(by_q.get(_norm(q), ())) == 1]
+
+    evals = closed(held)
+    return closed(train), sorted(rng.sample(evals, min(n_eval, len(evals))), key=lambda r: r["prompt"])
+
+
 def write_jsonl(path: str, rows: list[dict]) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
@@ -257,6 +271,9 @@ def main() -> None:
     ap.add_argument("--chat-pairs", type=int, default=600)
     ap.add_argument("--reward-seed", type=int, default=SEED + 1,
                     help="seed of reward.jsonl / reward_val.jsonl only (another draw of the same pairs)")
+    ap.add_argument("--reward-arithmetic", action="store_true",
+                    help="keep the arithmetic correct-vs-wrong pairs in reward.jsonl / reward_val.jsonl (a 4.8M "
+                         "chat model judges them at chance: docs/post-training.md)")
     args = ap.parse_args()
     rng = random.Random(SEED)
     reason, grpo, evals, dpo = arithmetic_sets(rng, args.eval)
@@ -270,15 +287,23 @@ def main() -> None:
     rng.shuffle(dpo)
     # Own generator: adding this file leaves the other files byte-identical.
     rng_reward = random.Random(args.reward_seed)
-    reward, reward_val = reward_sets(arithmetic, chat_qa(args.sft) if chat else [], rng_reward)
+    qa = chat_qa(args.sft) if chat else []
+    reward, reward_val = reward_sets(arithmetic, qa, rng_reward)  # the same draws with or without arithmetic
+    if not args.reward_arithmetic:
+        math = {r["prompt"] for r in arithmetic}
+        reward, reward_val = ([r for r in rows if r["prompt"] not in math] for rows in (reward, reward_val))
+    ppo_prompts, ppo_eval = ppo_prompt_sets(reward, reward_val, qa, rng_reward)
     write_jsonl(os.path.join(args.out, "reason.jsonl"), reason)
     write_jsonl(os.path.join(args.out, "grpo_prompts.jsonl"), grpo)
     write_jsonl(os.path.join(args.out, "grpo_eval.jsonl"), evals)
     write_jsonl(os.path.join(args.out, "dpo.jsonl"), dpo)
     write_jsonl(os.path.join(args.out, "reward.jsonl"), reward)
     write_jsonl(os.path.join(args.out, "reward_val.jsonl"), reward_val)
+    write_jsonl(os.path.join(args.out, "ppo_prompts.jsonl"), ppo_prompts)
+    write_jsonl(os.path.join(args.out, "ppo_eval.jsonl"), ppo_eval)
     print(f"reason {len(reason)}, grpo_prompts {len(grpo)}, grpo_eval {len(evals)}, "
-          f"dpo {len(dpo)} ({len(chat)} from chat), reward {len(reward)} (held out {len(reward_val)})")
+          f"dpo {len(dpo)} ({len(chat)} from chat), reward {len(reward)} (held out {len(reward_val)}), "
+          f"ppo_prompts {len(ppo_prompts)}, ppo_eval {len(ppo_eval)}")
 
 
 if __name__ == "__main__":

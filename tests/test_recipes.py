@@ -165,9 +165,9 @@ PPO_SMALL = ["batch_size=4", "ppo.rollout_size=8", "ppo.max_new_tokens=8", "ppo.
 def test_ppo_recipe_with_both_reward_sources(runs, variant):
     if "reward" not in runs:
         test_reward_recipe(runs)
-    source = ([f"ppo.reward_model={runs['reward']}"] if variant == "reward_model"
-              else ["ppo.reward_model=", "ppo.reward=format,accuracy"])
-    _, lines = run_recipe(runs, "ppo", f"ppo_{variant}", f"model={need(runs, 'reason')}", *PPO_SMALL, *source)
+    # recipes/ppo.yaml: the reward model on chat prompts; recipes/ppo_rules.yaml: rule rewards on arithmetic
+    recipe, source = ("ppo", [f"ppo.reward_model={runs['reward']}"]) if variant == "reward_model" else ("ppo_rules", [])
+    _, lines = run_recipe(runs, recipe, f"ppo_{variant}", f"model={need(runs, 'reason')}", *PPO_SMALL, *source)
     rows = metrics(runs[f"ppo_{variant}"])
     assert "| reward " in lines[1] and "| kl " in lines[1]
     assert [r["step"] for r in rows if "val_reward" in r] == [2]  # the recipe's held-out prompts

@@ -149,3 +149,30 @@ def test_bad_reward_model_input_is_one_line(micro, capsys):
 
     with pytest.raises(ValueError, match=r"rm: tokenizer mismatch with the policy \(3 vs 2 tokens; 1 only in"):
         check_same_tokenizer(Tok({"a": 0, "b": 1}), Tok({"a": 0, "b": 1, "c": 2}), "rm")
+
+
+def test_bundled_reward_and_ppo_data_splits(tmp_path):
+    """data/posttrain is what scripts/build_posttrain_data.py writes (deterministic); reward pairs are chat
+    only (no arithmetic unless --reward-arithmetic), held out by question, and PPO's held-out prompts are
+    held-out reward questions that neither the reward model nor PPO trains on."""
+    root = Path(__file__).resolve().parents[1]
+    data = root / "data" / "posttrain"
+    subprocess.run([sys.executable, str(root / "scripts" / "build_posttrain_data.py"), "--out", str(tmp_path)],
+                   check=True, capture_output=True)
+    for name in ("reward.jsonl", "reward_val.jsonl", "ppo_prompts.jsonl", "ppo_eval.jsonl", "dpo.jsonl"):
+        assert (tmp_path / name).read_bytes() == (data / name).read_bytes(), name
+
+    def rows(name: str) -> list[dict]:
+        return [json.loads(x) for x in (data / name).read_text(encoding="utf-8").splitlines()]
+
+    train, held = rows("reward.jsonl"), rows("reward_val.jsonl")
+    assert not any("<answer>" in r["chosen"] for r in train + held)
+    train_q, held_q = {r["prompt"] for r in train}, {r["prompt"] for r in held}
+    assert not train_q & held_q and len(held_q) > 200
+    ppo_q, eval_q = {r["prompt"] for r in rows("ppo_prompts.jsonl")}, {r["prompt"] for r in rows("ppo_eval.jsonl")}
+    assert ppo_q <= train_q and eval_q <= held_q and len(eval_q) == 100
+    with_math = tmp_path / "math"
+    subprocess.run([sys.executable, str(root / "scripts" / "build_posttrain_data.py"), "--out", str(with_math),
+                    "--reward-arithmetic"], check=True, capture_output=True)
+    extra = [json.loads(x) for x in (with_math / "reward.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r for r in extra if "<answer>" not in r["chosen"]] == train  # same chat pairs, same order
