@@ -31,6 +31,8 @@ import time
 
 import torch
 
+from tinylm.export.gguf_export import cpu_has_amx
+
 # Clock for the decode timings; `--cpu-time` switches to process CPU time, which (with --threads 1)
 # still measures the work per token when other jobs share the machine.
 CLOCK = [time.perf_counter]
@@ -92,8 +94,9 @@ def decode_rates(fns: list, batch: int, new: int, repeats: int) -> list[float]:
     return [batch * (new - 1) / max(b - a, 1e-9) for a, b in zip(t1, tn)]
 
 
-def load_llamacpp(model, outtype: str, d: str, threads: int):
-    """Export `model` with tinylm's GGUF writer and load it in llama.cpp (None if not installed)."""
+def load_llamacpp(model, outtype: str, d: str, threads: int, amx: bool = False):
+    """Export `model` with tinylm's GGUF writer and load it in llama.cpp (None if not installed).
+    `amx`: keep llama.cpp's AMX weight buffers, one token per llama_decode (open_in_llama_cpp says why)."""
     try:
         import llama_cpp  # noqa: F401  (None when llama-cpp-python is absent)
     except ImportError:
@@ -105,7 +108,9 @@ def load_llamacpp(model, outtype: str, d: str, threads: int):
         model.save_pretrained(f"{d}/tinylm")
         save_pretrained_portable(load_tokenizer(), f"{d}/tinylm")
     path = export_gguf(f"{d}/tinylm", f"{d}/m.{outtype}.gguf", outtype).path
-    return open_in_llama_cpp(path, n_ctx=256, n_batch=256, n_threads=threads, n_threads_batch=threads, verbose=False)
+    n_batch = 1 if amx else 256  # logits_all: with n_batch 1, llama-cpp-python keeps n_batch rows of scores otherwise
+    return open_in_llama_cpp(path, extra_buffers=True if amx else None, n_ctx=256, n_batch=n_batch, n_ubatch=n_batch,
+                             logits_all=amx, n_threads=threads, n_threads_batch=threads, verbose=False)
 
 
 def clock_name() -> str:
@@ -236,6 +241,8 @@ def llamacpp_baseline(presets: list[str], new: int, repeats: int) -> None:
         ours = TinyLMForCausalLM(preset_config(preset, vocab_size=len(tok), eos_token_id=[2, 0])).eval()
         with tempfile.TemporaryDirectory() as d:
             llms = {t: load_llamacpp(ours, t, d, threads) for t in ("f32", "q8_0")}
+            if llms["f32"] is not None and cpu_has_amx():  # llama.cpp's best q8_0 decode on this CPU
+                llms["q8_0_amx"] = load_llamacpp(ours, "q8_0", d, threads, amx=True)
         if llms["f32"] is None:
             print("llama-cpp-python not installed: no llama.cpp baseline (pip install llama-cpp-python)")
             return
@@ -259,14 +266,19 @@ def llamacpp_baseline(presets: list[str], new: int, repeats: int) -> None:
             finally:
                 os.environ.pop("TINYLM_COMPILE_DECODE")
 
-        o, o8, f, q, r, c, c8 = decode_rates([lambda b, n: ours_q(b, n, "none"), lambda b, n: ours_q(b, n, "int8"),
-                                          lambda b, n, m=llms["f32"]: time_llamacpp(m, 32, n),
-                                          lambda b, n, m=llms["q8_0"]: time_llamacpp(m, 32, n), ours_reference,
-                                          lambda b, n: ours_compiled(b, n, "none"),
-                                          lambda b, n: ours_compiled(b, n, "int8")], 1, new, repeats)
+        fns = [lambda b, n: ours_q(b, n, "none"), lambda b, n: ours_q(b, n, "int8"),
+               lambda b, n, m=llms["f32"]: time_llamacpp(m, 32, n), lambda b, n, m=llms["q8_0"]: time_llamacpp(m, 32, n),
+               ours_reference, lambda b, n: ours_compiled(b, n, "none"), lambda b, n: ours_compiled(b, n, "int8")]
+        if "q8_0_amx" in llms:  # its prompt goes one token per llama_decode: a little slower than in one batch
+            fns.append(lambda b, n, m=llms["q8_0_amx"]: time_llamacpp(m, 32, n))
+        o, o8, f, q, r, c, c8, *q_amx = decode_rates(fns, 1, new, repeats)
         fast_decode.set_quantization(ours, None)
         u = "tok/s" if CLOCK[0] is time.perf_counter else "tok/cpu-s"
         path = "fast decode step" if fast_decode.enabled() else "reference forward (TINYLM_FAST_DECODE=0)"
+        if q_amx:
+            print(f"RESULT decode_b1_{preset}_int8_vs_llamacpp_q8_0_amx {o8:.1f} {u} ratio={o8 / q_amx[0]:.2f} "
+                  f"vs=llamacpp_q8_0_amx (llama.cpp q8_0 with its AMX weight buffers, one token per decode: "
+                  f"{q_amx[0]:.1f} {u}; tinylm int8 compiled step: {c8:.1f} {u} ratio={c8 / q_amx[0]:.2f})", flush=True)
         print(f"RESULT decode_b1_{preset}_vs_llamacpp_f32 {o:.1f} {u} ratio={o / f:.2f} vs=llamacpp_f32 "
               f"(llama.cpp f32 {f:.1f} {u}; tinylm fp32, {path})", flush=True)
         print(f"RESULT decode_b1_{preset}_int8_vs_llamacpp_q8_0 {o8:.1f} {u} ratio={o8 / q:.2f} vs=llamacpp_q8_0 "

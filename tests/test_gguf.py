@@ -166,6 +166,19 @@ def test_greedy_continuation_identical(trained, outtype):
         assert np.abs(llama_logits(llama(s.path), prompt) - want).max() < TOL
 
 
+def test_q8_0_greedy_with_extra_buffers_one_token_per_decode(trained):
+    """`open_in_llama_cpp(extra_buffers=True)` keeps llama.cpp's repacked / AMX weight buffers (on AMX CPUs
+    they crash with several tokens per llama_decode, so the prompt goes one token per call): same greedy."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    model = tinylm.TinyLMForCausalLM.from_pretrained(str(trained), dtype=torch.float32).eval()
+    s = export_gguf(trained, trained / "g.bufts.q8_0.gguf", "q8_0")
+    prompt = load_tokenizer()(STORY[:40], add_special_tokens=False)["input_ids"]
+    f32 = llama_cpp.GGML_TYPE_F32
+    llm = open_in_llama_cpp(s.path, extra_buffers=True, logits_all=True, n_ctx=256, n_threads=2, n_batch=1,
+                            n_ubatch=1, verbose=False, seed=0, type_k=f32, type_v=f32)
+    assert llama_greedy(llm, prompt, 24) == torch_greedy(model, prompt, 24)
+
+
 def test_q8_0_tensors_are_quantized(trained):
     import gguf
 

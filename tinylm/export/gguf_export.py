@@ -61,16 +61,18 @@ def cpu_has_amx() -> bool:
         return False
 
 
-def open_in_llama_cpp(path: str | Path, **kwargs):
+def open_in_llama_cpp(path: str | Path, extra_buffers: bool | None = None, **kwargs):
     """`llama_cpp.Llama(path, **kwargs)` (PyPI llama-cpp-python), for checking an exported GGUF.
 
     On AMX CPUs, llama.cpp's AMX weight buffers (its "extra buffer types", used for q4_0 / q8_0 / K-quants)
-    crash with a segmentation fault on our small models (seen with llama-cpp-python 0.3.36 on a `tiny`
-    q8_0 export; f32 is unaffected), so there they are switched off (llama.cpp's `--no-repack`)."""
+    crash with a segmentation fault whenever one llama_decode holds more than one token (llama-cpp-python
+    0.3.36, `tiny` and `small` q8_0 exports, any thread count; one token per decode works; f32 is
+    unaffected; cf. llama.cpp issue 20824), so by default (`extra_buffers=None`) they are switched off
+    there (llama.cpp's `--no-repack`). `extra_buffers=True` keeps them: then pass n_batch=1, n_ubatch=1."""
     import llama_cpp
     import llama_cpp.llama_cpp as low_level  # the ctypes module Llama() calls
 
-    if not cpu_has_amx():
+    if extra_buffers or (extra_buffers is None and not cpu_has_amx()):
         return llama_cpp.Llama(str(path), **kwargs)
     default = low_level.llama_model_default_params
 
