@@ -215,7 +215,9 @@ def reward_sets(arith: list[dict], qa: list[tuple[str, str]], rng: random.Random
     for k, side in enumerate(sides):
         mine = [(q, a) for q, a in qa if (q in held) == bool(k)]
         pool = sorted({a for _, a in mine if a in specific})
-        common = sorted({a for _, a in mine if a in generic})
+        # Generic negatives drawn as often as each answer occurs (not once per distinct answer): the identity
+        # answer, given to ~150 questions, must lose somewhere too, or the reward model learns that it always wins.
+        common = sorted(a for _, a in mine if a in generic)
         for q, a in mine:
             words, bad = a.split(), []
             same = by_q[_norm(q)]
@@ -292,7 +294,7 @@ def main() -> None:
     if not args.reward_arithmetic:
         math = {r["prompt"] for r in arithmetic}
         reward, reward_val = ([r for r in rows if r["prompt"] not in math] for rows in (reward, reward_val))
-    ppo_prompts, ppo_eval = ppo_prompt_sets(reward, reward_val, qa, rng_reward)
+    ppo_prompts, ppo_eval = ppo_prompt_sets(reward, reward_val, qa, random.Random(SEED + 2))  # own draw
     write_jsonl(os.path.join(args.out, "reason.jsonl"), reason)
     write_jsonl(os.path.join(args.out, "grpo_prompts.jsonl"), grpo)
     write_jsonl(os.path.join(args.out, "grpo_eval.jsonl"), evals)
