@@ -1,4 +1,4 @@
-"""Build the small post-training sets in data/posttrain/ (DPO, reasoning, GRPO).
+"""Build the small post-training sets in data/posttrain/ (DPO, reasoning, GRPO, reward model, PPO).
 
 Why: the dpo / reason / grpo recipes must run offline in minutes, and their data must be honest
 and reproducible. Everything here is either generated (arithmetic with verifiable answers) or
@@ -12,11 +12,13 @@ Outputs:
   grpo_eval.jsonl     held-out {"prompt", "answer"}: no (operation, numbers) triple of it appears above
   dpo.jsonl           {"prompt", "chosen", "rejected"}: correct vs wrong arithmetic, and bundled chat
                       answers vs an off-topic answer (another question's) or a truncated one
-  reward.jsonl        the same kinds of pairs, with every short bundled chat turn (~3.3k) and 2-3 rejected
-                      answers per question: the reward model needs more pairs than DPO to learn "is
-                      this answer about this question". Off-topic answers are filtered so that no pair
-                      is ambiguous (reward_sets, off_topic_pool, generic_ok); dpo.jsonl is unfiltered
+  reward.jsonl        chat pairs only (--reward-arithmetic adds the arithmetic ones): every short bundled chat
+                      turn (~3.3k) with 2-3 rejected answers: the reward model needs more pairs than DPO to
+                      learn "is this answer about this question". Off-topic answers are filtered so that no
+                      pair is ambiguous (reward_sets, off_topic_pool, generic_ok); dpo.jsonl is unfiltered
   reward_val.jsonl    its held-out pairs: 10% of the questions (none of them in reward.jsonl)
+  ppo_prompts.jsonl   {"prompt"}: the closed chat questions of reward.jsonl (PPO with the reward model)
+  ppo_eval.jsonl      {"prompt"}: 100 closed questions of reward_val.jsonl (PPO's held-out reward)
 """
 
 from __future__ import annotations
