@@ -1,11 +1,10 @@
-"""Eager fast decode step vs the opt-in compiled step (tinylm/inference/compiled_decode.py), one mode
-per process.
+"""Eager fast decode step vs the compiled step (tinylm/inference/compiled_decode.py), one mode per
+process.
 
-bench/generate_throughput.py times fp32 and int8, eager and compiled, in turns inside one process;
-there the compiled step came out slower than eager (0.83-0.85x) although it was 1.5-2x faster in
-earlier runs. This script runs one quantization per process (only its graph alive) and alternates
-eager / compiled generate() calls: 150 greedy tokens after a 32-token prompt, batch 1, best of 3, CPU
-seconds of this process (one thread), so other jobs' load does not count.
+Alternates eager (TINYLM_COMPILE_DECODE=0) and compiled (=1: the AOTInductor library, built on the
+first call or read from ~/.cache/tinylm/decode) generate() calls for one quantization: 150 greedy
+tokens after a 32-token prompt, batch 1, best of 3, CPU seconds of this process (one thread), so
+other jobs' load does not count. bench/generate_throughput.py times both against llama.cpp.
 
     OMP_NUM_THREADS=1 python bench/compiled_decode.py --preset tiny --quantize int8
 """

@@ -1,24 +1,40 @@
-"""An opt-in compiled decode step for CPU: one fixed-shape graph per (model, batch, cache length).
+"""The compiled decode step for CPU: one ahead-of-time compiled library per model shape, kept on disk.
 
-Why: at batch 1 a `tiny` decode step is dominated by per-op overhead (~200 eager aten calls of a few
-microseconds each, docs/performance.md section 3b); llama.cpp evaluates one prebuilt graph per token.
-Here the step of tinylm.inference.fast_decode is written with static shapes only — the whole KV
-buffer of `max_seq_len` positions is attended with a mask by position, the new K/V are written with
-`index_copy_` at a position passed as a tensor — so torch.compile (inductor, Ansel et al. 2024,
-"PyTorch 2") traces it once and never recompiles as the sequence grows. Inductor's on-disk FX-graph
-cache (keyed by the graph, the config and the torch version) makes later runs skip code generation.
+Why: at batch 1 a decode step is dominated by per-op overhead for `tiny` and by it plus the weight
+products for `small` (~200 eager aten calls of a few microseconds each, docs/performance.md section
+3b); llama.cpp evaluates one prebuilt graph per token. Here the step of tinylm.inference.fast_decode
+is written with static shapes only — the whole KV buffer of the cache length is attended with a mask
+by position, the new K/V are written with `index_copy_` at a position passed as a tensor — so
+`torch.export` traces it once and AOTInductor (Ansel et al. 2024, "PyTorch 2") compiles it to one
+shared library with a C++ wrapper: no Python and no dispatcher between its kernels.
 
-Opt-in (`TINYLM_COMPILE_DECODE=1`): every failure falls back to the eager fast step with one log
-line. Covers fp32 models (fp32 or `--quantize int8` products, batch 1 int8 arithmetic) and 1-3 cache
-rows decoding in step (chat, a few equal-length prompts): per-op overhead dominates there. From 4 rows
-on the products are compute bound and the eager step is faster (bench/generate_throughput.py at 16
-rows: compiled 0.61-0.63x of eager), so those steps use fast_decode unchanged.
+The weights are *inputs* of the compiled step, not constants in it, so one library serves every
+checkpoint of the same architecture, fp32 or int8, and weights that change during RL rollouts; it
+is keyed by the shapes, the thread count, the CPU's vector ISA and the torch version, and stored as
+`$TINYLM_DECODE_CACHE/<key>.pt2` (default ~/.cache/tinylm/decode). Building takes ~10-60 s once per
+machine and shape; loading it ~0.02 s (torch.compile's warm start was ~12 s).
+
+TINYLM_COMPILE_DECODE: `auto` (default) uses a library already built, `1` (`--compile`) also builds
+a missing one, `0` never compiles. Any failure falls back to the eager fast step with one log line.
+Covers fp32 models (fp32 or `--quantize int8` products) when all cache rows decode in step (chat,
+equal-length prompts). From 4 rows on the products are compute bound and the eager step's oneDNN
+GEMM may be faster than the compiled plain matmul (`small` at 16 rows), so there the step is timed
+against the eager one once per library and used only where faster; int8 at 4+ rows stays eager.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
+import hashlib
+import json
 import logging
 import os
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -28,64 +44,105 @@ from tinylm.models.kv_cache import StaticKVCache
 
 log = logging.getLogger(__name__)
 
+MEASURED_ROWS = 4  # from this many rows on the step is used only where measured faster than eager
+MAX_LOADED = 4  # compiled steps kept per model (fp32 and int8, a few shapes) before the oldest is dropped
+BUCKET = 256  # cache lengths are rounded up to a multiple of this, so one library serves many requests
+
+
+def mode() -> str:
+    """'0' (never), 'auto' (use a library already on disk: the default) or '1' (also build one)."""
+    value = os.environ.get("TINYLM_COMPILE_DECODE", "auto").strip().lower()
+    if value in ("0", "false", "no", "off"):
+        return "0"
+    return "1" if value in ("1", "true", "yes", "on") else "auto"
+
 
 def enabled() -> bool:
-    """True when the user opted in with TINYLM_COMPILE_DECODE=1."""
-    return os.environ.get("TINYLM_COMPILE_DECODE", "0").strip().lower() in ("1", "true", "yes", "on")
+    return mode() != "0"
 
 
+def cache_dir() -> Path:
+    root = os.environ.get("TINYLM_CACHE") or Path.home() / ".cache" / "tinylm"
+    return Path(os.environ.get("TINYLM_DECODE_CACHE") or Path(root) / "decode")
+
+
+def bucket(max_seq_len: int) -> int:
+    """The cache length to allocate when the compiled step may run: fewer distinct shapes."""
+    return -(-max_seq_len // BUCKET) * BUCKET
+
+
+# ---------------------------------------------------------------------------------------------
+# The step with static shapes; weights passed in as one flat list.
+# ---------------------------------------------------------------------------------------------
 def _rms(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor:
     """Llama's RMSNorm in plain ops (inductor fuses them into one loop)."""
     y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     return y if w is None else y * w
 
 
-def _weights(prod) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(K, N) fp32 view of the split-K layout (same memory), or the (N, K) int8 weights and scales."""
-    return (prod.w, prod.scale) if prod.scale is not None else (prod.w.reshape(-1, prod.w.shape[-1]), None)
+def _mm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """x (b, K) @ W.T -> (b, N) fp32: as fast_decode.Product at 1-3 rows (int8: bf16 activations)."""
+    if scale is None:
+        return x @ w  # w: (K, N), the split-K layout's memory viewed whole
+    return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), w, scale).float()
 
 
-def _mm(x: torch.Tensor, w: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
-    """x (b, K) @ W.T -> (b, N) fp32: as fast_decode.Product at batch 1 (int8: bf16 activations)."""
-    if w[1] is None:
-        return x @ w[0]
-    return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), w[0], w[1]).float()
+def _product(prod) -> list[torch.Tensor]:
+    """[(K, N) fp32 view of the split-K layout (same memory)] or [(N, K) int8 weights, (N,) scales]."""
+    return [prod.w, prod.scale] if prod.scale is not None else [prod.w.reshape(-1, prod.w.shape[-1])]
+
+
+def step_weights(p: Prepared) -> list[torch.Tensor]:
+    """The step's weight inputs, in StaticStep.forward's order: per layer qkv, o, gate_up, down
+    (1 tensor each, 2 when int8), ln1, ln2, [qk_norm]; then final norm, lm_head, embedding, RoPE table."""
+    h, out = p.embed.shape[1], []
+    for lw in p.layers:
+        for prod in (lw.qkv, lw.o, lw.gate_up, lw.down):
+            out += _product(prod)
+        out += [lw.ln1[:h], lw.ln2[:h]] + ([lw.qk_norm] if lw.qk_norm is not None else [])
+    return out + [p.norm[:h], *_product(p.lm_head), p.embed, p.rope]
 
 
 class StaticStep(torch.nn.Module):
-    """The decode step of fast_decode.decode_step with static shapes; weights as (K, N) fp32 buffers."""
+    """The decode step of fast_decode.decode_step with static shapes; no tensors of its own."""
 
     def __init__(self, p: Prepared) -> None:
         super().__init__()
-        self.p = p
-        h = p.embed.shape[1]
-        self.wt = [[_weights(prod) for prod in (lw.qkv, lw.o, lw.gate_up, lw.down)] for lw in p.layers]
-        self.norms = [(lw.ln1[:h], lw.ln2[:h], lw.qk_norm) for lw in p.layers]
-        self.final_norm, self.head = p.norm[:h], _weights(p.lm_head)
+        self.n_layers, self.n_heads, self.n_kv, self.head_dim = len(p.layers), p.n_heads, p.n_kv, p.head_dim
+        self.inter, self.eps = p.inter, p.eps
+        self.int8, self.qk_norm = p.lm_head.scale is not None, p.layers[0].qk_norm is not None
 
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor, keys: list[torch.Tensor],
-                values: list[torch.Tensor]) -> torch.Tensor:
-        """tokens (b,), pos (1,) long: position of the new token in every row -> logits (b, V) fp32."""
-        p = self.p
-        b, nq, nk, d = tokens.shape[0], p.n_heads, p.n_kv, p.head_dim
-        cos, sin = p.rope.index_select(0, pos).unbind(1)  # (1, D) each; sin with rotate_half's sign
+                values: list[torch.Tensor], weights: list[torch.Tensor]) -> torch.Tensor:
+        """tokens (b,), pos (1,) long: position of the new token in every row -> logits (b, V) fp32.
+        keys/values: per layer (b, n_kv, S, D), written at `pos`."""
+        b, nq, nk, d, eps = tokens.shape[0], self.n_heads, self.n_kv, self.head_dim, self.eps
+        ws = iter(weights)
+
+        def product() -> tuple[torch.Tensor, torch.Tensor | None]:
+            return (next(ws), next(ws)) if self.int8 else (next(ws), None)
+
+        layers = [(product(), product(), product(), product(), next(ws), next(ws),
+                   next(ws) if self.qk_norm else None) for _ in range(self.n_layers)]
+        final_norm, head, embed, rope = next(ws), product(), next(ws), next(ws)
+        cos, sin = rope.index_select(0, pos).unbind(1)  # (1, D) each; sin with rotate_half's sign
         s = keys[0].shape[2]
         mask = (torch.arange(s) <= pos).view(1, 1, 1, s)  # attend to positions 0..pos only
-        x = F.embedding(tokens, p.embed)  # (b, H)
-        for (w_qkv, w_o, w_gu, w_down), (ln1, ln2, qk_norm), k_buf, v_buf in zip(self.wt, self.norms, keys, values):
-            qkv = _mm(_rms(x, ln1, p.eps), w_qkv)  # (b, (nq + 2 nk) D)
+        x = F.embedding(tokens, embed)  # (b, H)
+        for (qkv_w, o_w, gu_w, down_w, ln1, ln2, qk_norm), k_buf, v_buf in zip(layers, keys, values):
+            qkv = _mm(_rms(x, ln1, eps), *qkv_w)  # (b, (nq + 2 nk) D)
             qk = qkv[:, : (nq + nk) * d].view(b, nq + nk, d)
             if qk_norm is not None:
-                qk = _rms(qk, None, p.eps) * qk_norm
+                qk = _rms(qk, None, eps) * qk_norm
             qk = qk * cos + qk.roll(d // 2, dims=-1) * sin
             k_buf.index_copy_(2, pos, qk[:, nq:, None])  # (b, nk, 1, D) at position pos
             v_buf.index_copy_(2, pos, qkv[:, (nq + nk) * d:].view(b, nk, 1, d))
             q = qk[:, :nq].reshape(b, nk, nq // nk, d)  # GQA: g query heads of a K/V head as g rows
             y = F.scaled_dot_product_attention(q, k_buf, v_buf, attn_mask=mask).reshape(b, nq * d)
-            x = x + _mm(y, w_o)
-            gu = _mm(_rms(x, ln2, p.eps), w_gu)
-            x = x + _mm(F.silu(gu[:, : p.inter]) * gu[:, p.inter:], w_down)
-        return _mm(_rms(x, self.final_norm, p.eps), self.head).float()
+            x = x + _mm(y, *o_w)
+            gu = _mm(_rms(x, ln2, eps), *gu_w)
+            x = x + _mm(F.silu(gu[:, : self.inter]) * gu[:, self.inter:], *down_w)
+        return _mm(_rms(x, final_norm, eps), *head).float()
 
 
 def supports(p: Prepared) -> str | None:
@@ -95,60 +152,162 @@ def supports(p: Prepared) -> str | None:
     return None
 
 
-MAX_ROWS = 4  # batches of this many rows or more decode eagerly (16 rows: compiled 0.61-0.63x of eager)
-MAX_GRAPHS = 4  # compiled steps kept per model (fp32 and int8, a few shapes) before the oldest is dropped
-BUCKET = 256  # cache lengths are rounded up to a multiple of this, so one compile serves many requests
+# ---------------------------------------------------------------------------------------------
+# Libraries on disk.
+# ---------------------------------------------------------------------------------------------
+def _spec(t: torch.Tensor) -> list:
+    return [list(t.shape), str(t.dtype).removeprefix("torch.")]
 
 
-def bucket(max_seq_len: int) -> int:
-    """The cache length to allocate when the compiled step is on: fewer distinct shapes, fewer compiles."""
-    return -(-max_seq_len // BUCKET) * BUCKET
+@functools.cache
+def _code_hash() -> str:
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
 
 
-def compile_step(step: StaticStep):
-    """torch.compile with inductor's C++ wrapper (no Python per kernel launch) and frozen weights
-    (constants folded, weights prepacked); fixed shapes, so no recompiles as the sequence grows."""
-    return torch.compile(step, fullgraph=True, dynamic=False, options={"cpp_wrapper": True, "freezing": True})
+def library_key(p: Prepared, cache: StaticKVCache, weights: list[torch.Tensor]) -> str:
+    """Everything the generated code depends on: shapes and dtypes, constants, the thread count
+    (inductor writes it into its OpenMP loops), the CPU's vector ISA, torch and this file."""
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    desc = dict(weights=[_spec(w) for w in weights], cache=_spec(cache.keys[0]), layers=len(cache.keys),
+                batch=cache.batch_size, heads=[p.n_heads, p.n_kv, p.head_dim, p.inter], eps=p.eps,
+                threads=torch.get_num_threads(), isa=str(pick_vec_isa()), machine=platform.machine(),
+                torch=torch.__version__, code=_code_hash())
+    return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def build(step: StaticStep, example: tuple, path: Path) -> None:
+    """torch.export the step on example inputs and compile it with AOTInductor into `path` (atomic)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.pt2")
+    t0 = time.perf_counter()
+    print(f"tinylm: compiling the decode step for this model shape (once per machine, ~10-60 s) -> {path}",
+          file=sys.stderr, flush=True)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.export's own deprecations
+            exported = torch.export.export(step, example, strict=False)
+            torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("compiled decode step built in %.1f s", time.perf_counter() - t0)
+
+
+def load(path: Path):
+    """The compiled step in `path`: called like StaticStep.forward."""
+    return torch._inductor.aoti_load_package(str(path))
+
+
+def time_steps(p: Prepared, cache: StaticKVCache, weights: list[torch.Tensor], fn) -> tuple[float, float]:
+    """Seconds of 4 eager and 4 compiled steps (best of 3) on a scratch cache shaped like `cache`."""
+    from tinylm.inference.fast_decode import decode_step
+
+    scratch = copy.copy(cache)  # same shapes, own buffers
+    scratch.keys, scratch.values = [torch.zeros_like(k) for k in cache.keys], [torch.zeros_like(v) for v in cache.values]
+    scratch.seq_lens = cache.seq_lens.clone()
+    b = cache.batch_size
+    tokens, rows = torch.zeros(b, dtype=torch.long), torch.arange(b)
+
+    def best(step) -> float:
+        times = []
+        for _ in range(3):
+            scratch.seq_lens.fill_(cache.max_seq_len // 2)
+            t0 = time.perf_counter()
+            for _ in range(4):
+                step()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    with torch.no_grad():
+        eager = best(lambda: decode_step(p, scratch, tokens, rows))
+        compiled = best(lambda: fn(tokens, scratch.seq_lens[:1].clone(), scratch.keys, scratch.values, weights))
+    return eager, compiled
+
+
+def measured_faster(path: Path) -> bool | None:
+    """The verdict kept beside a library built for 4+ rows (None: not measured yet)."""
+    verdict = path.with_suffix(".json")
+    return bool(json.loads(verdict.read_text())["compiled_faster"]) if verdict.exists() else None
+
+
+def measure(path: Path, p: Prepared, cache: StaticKVCache, weights: list[torch.Tensor], fn) -> bool:
+    """From 4 rows on the products are compute bound: the eager step's oneDNN GEMM on prepacked weights
+    (fast_decode.Product) beats the compiled step's plain matmul for `small` at 16 rows, not for
+    `tiny` (docs/performance.md). Timed once per library, the verdict kept beside it."""
+    eager, compiled = time_steps(p, cache, weights, fn)
+    verdict = path.with_suffix(".json")
+    tmp = verdict.with_name(f"{verdict.stem}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(dict(compiled_faster=compiled < eager, eager_s=eager, compiled_s=compiled)))
+    os.replace(tmp, verdict)
+    log.info("compiled step at %d rows: %.2f ms vs eager %.2f ms", cache.batch_size, compiled * 250, eager * 250)
+    return compiled < eager
 
 
 class CompiledDecoder:
-    """Compiled StaticSteps of one model, one per (prepared weights, batch, cache length), kept on the
-    model so that every generate() call reuses them. `__call__` returns None where eager must run."""
+    """Compiled steps of one model, one per library key, kept on the model so that every generate()
+    call reuses them. `__call__` returns None where the eager step must run."""
 
     def __init__(self, model) -> None:
-        self.compiled: dict = model.__dict__.setdefault("_tinylm_compiled_decode", {})
+        self.loaded: dict = model.__dict__.setdefault("_tinylm_compiled_decode", {})
+        self.current: tuple | None = None  # (prepared, cache, weights, fn) of the last step
 
     def __call__(self, p: Prepared, cache: StaticKVCache, tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
-        if self.compiled.get("failed") or supports(p) is not None or tokens.shape[0] != cache.batch_size:
+        b = tokens.shape[0]
+        if self.loaded.get("failed") or supports(p) is not None or b != cache.batch_size:
             return None
-        if tokens.shape[0] >= MAX_ROWS:  # products are compute bound there: the eager step is faster
+        if p.lm_head.scale is not None and b >= INT8_DYNAMIC_ROWS:  # eager: int8 x int8 products
             return None
-        if p.lm_head.scale is not None and tokens.shape[0] >= INT8_DYNAMIC_ROWS:  # eager: int8 x int8 products
+        lens = cache.seq_lens.tolist()  # every row decodes at the same position?
+        if rows.tolist() != list(range(b)) or min(lens) != max(lens) or lens[0] >= cache.max_seq_len:
             return None
-        lens = cache.seq_lens.tolist()
-        if rows.tolist() != list(range(cache.batch_size)) or min(lens) != max(lens) or lens[0] >= cache.max_seq_len:
+        if self.current is None or self.current[0] is not p or self.current[1] is not cache:
+            self.current = self._find(p, cache)
+        _, _, weights, fn = self.current
+        if fn is None:
             return None
-        key = (p.key, cache.batch_size, cache.max_seq_len)
         try:
-            fn = self.compiled.get(key)
-            if fn is None:
-                while len(self.compiled) >= MAX_GRAPHS:  # oldest first (weights changed, other shapes)
-                    self.compiled.pop(next(iter(self.compiled)))
-                log.info("compiling the decode step (batch %d, cache %d): once per shape, cached on disk by "
-                         "inductor", cache.batch_size, cache.max_seq_len)
-                fn = self.compiled[key] = compile_step(StaticStep(p))
             with torch.no_grad():
-                logits = fn(tokens, cache.seq_lens[:1].clone(), cache.keys, cache.values)
-        except Exception as e:  # noqa: BLE001 - any compiler failure: eager fast step from now on
-            log.warning("compiled decode step failed (%s: %s); using the eager fast step", type(e).__name__, e)
-            self.compiled["failed"] = True
-            return None
+                logits = fn(tokens, cache.seq_lens[:1].clone(), cache.keys, cache.values, weights)
+        except Exception as e:  # noqa: BLE001 - a broken library: eager fast step from now on
+            return self._failed(e)
         cache.seq_lens += 1
         return logits
 
+    def _find(self, p: Prepared, cache: StaticKVCache) -> tuple:
+        """(p, cache, weights, compiled step or None): loaded, read from disk, or built (mode 1)."""
+        weights = step_weights(p)
+        try:
+            key = library_key(p, cache, weights)
+            fn, path = self.loaded.get(key), cache_dir() / f"{key}.pt2"
+            measured = cache.batch_size >= MEASURED_ROWS
+            if fn is None and not (measured and measured_faster(path) is False):  # known slower: not loaded
+                if not path.exists() and mode() != "1":
+                    return p, cache, weights, None
+                if not path.exists():
+                    example = (torch.zeros(cache.batch_size, dtype=torch.long), torch.zeros(1, dtype=torch.long),
+                               [torch.zeros_like(k) for k in cache.keys], [torch.zeros_like(v) for v in cache.values],
+                               weights)
+                    build(StaticStep(p), example, path)
+                fn = load(path)
+                if measured and measured_faster(path) is None and not measure(path, p, cache, weights, fn):
+                    return p, cache, weights, None
+                while len(self.loaded) >= MAX_LOADED:  # oldest first (other shapes, other quantization)
+                    self.loaded.pop(next(iter(self.loaded)))
+                self.loaded[key] = fn
+        except Exception as e:  # noqa: BLE001 - no compiler, a broken package: eager from now on
+            self._failed(e)
+            fn = None
+        return p, cache, weights, fn
+
+    def _failed(self, e: Exception) -> None:
+        log.warning("compiled decode step failed (%s: %s); using the eager fast step", type(e).__name__, e)
+        self.loaded["failed"] = True
+        self.current = None
+
 
 class CompiledFastDecoder(FastDecoder):
-    """fast_decode.FastDecoder whose steps run the compiled graph where it applies, eager elsewhere."""
+    """fast_decode.FastDecoder whose steps run the compiled step where it applies, eager elsewhere."""
 
     def __init__(self, model) -> None:
         super().__init__(model)

@@ -370,7 +370,7 @@ class StaticRunner:
         self.model, self.device = model, param.device
         from tinylm.inference import compiled_decode
 
-        if compiled_decode.enabled():  # cache lengths in buckets: one compiled graph serves many requests
+        if compiled_decode.enabled():  # cache lengths in buckets: one compiled step serves many requests
             max_seq_len = compiled_decode.bucket(max_seq_len)
         self.cache = StaticKVCache(model.config, max_batch, max_seq_len, device=param.device, dtype=param.dtype)
         # Bound on prompt tokens x vocabulary per prefill forward (full logits are materialised).
@@ -378,7 +378,7 @@ class StaticRunner:
         from tinylm.inference import fast_decode
 
         # Decode steps through tinylm.inference.fast_decode (lean CPU step, optional int8); TINYLM_FAST_DECODE=0: the forward.
-        # Opt-in (TINYLM_COMPILE_DECODE=1): one compiled fixed-shape graph per step, eager on any failure.
+        # Compiled step (tinylm.inference.compiled_decode) where its library is on disk; eager otherwise.
         decoder = compiled_decode.CompiledFastDecoder if compiled_decode.enabled() else fast_decode.FastDecoder
         self.fast = decoder(model) if fast_decode.enabled() and fast_decode.supports(model) is None else None
 
