@@ -220,24 +220,27 @@ def llamacpp_batch_baseline(presets: list[str], batch: int, new: int, repeats: i
                 time_ours(ours, tok, b, 32, 2)
             return time_ours(ours, tok, b, 32, n)
 
-        def ours_default(b: int, n: int, ours_q=ours_q) -> float:  # fp32 as `tinylm generate` runs it
+        def ours_default(b: int, n: int, q: str, ours_q=ours_q) -> float:  # as `tinylm generate` runs it
             with compile_mode("1"):  # compiled step where measured faster at this batch (built in the warm-up)
-                return ours_q(b, n, "none")
+                return ours_q(b, n, q)
 
-        o, o8, f, q8, c = decode_rates([lambda b, n: ours_q(b, n, "none"), lambda b, n: ours_q(b, n, "int8"),
-                                        lambda b, n, r=runners: r["f32"].run(32, n),
-                                        lambda b, n, r=runners: r["q8_0"].run(32, n), ours_default],
-                                       batch, new, repeats)
+        o, o8, f, q8, c, c8 = decode_rates([lambda b, n: ours_q(b, n, "none"), lambda b, n: ours_q(b, n, "int8"),
+                                            lambda b, n, r=runners: r["f32"].run(32, n),
+                                            lambda b, n, r=runners: r["q8_0"].run(32, n),
+                                            lambda b, n: ours_default(b, n, "none"),
+                                            lambda b, n: ours_default(b, n, "int8")], batch, new, repeats)
         fast_decode.set_quantization(ours, None)
         for r in runners.values():
             r.close()
-        print(f"RESULT decode_b{batch}_{preset}_vs_llamacpp_f32 {c:.1f} {u} ratio={c / f:.2f} vs=llamacpp_f32 "
-              f"(llama.cpp f32 {f:.1f} {u}; tinylm fp32, {batch} sequences, default path: compiled step where "
-              f"measured faster than eager, {c / o:.2f}x the eager step)", flush=True)
-        print(f"RESULT decode_b{batch}_{preset}_eager_vs_llamacpp_f32 {o:.1f} {u} ratio={o / f:.2f} vs=llamacpp_f32 "
-              f"(llama.cpp f32 {f:.1f} {u}; tinylm fp32 eager step, {batch} sequences)", flush=True)
-        print(f"RESULT decode_b{batch}_{preset}_int8_vs_llamacpp_q8_0 {o8:.1f} {u} ratio={o8 / q8:.2f} vs=llamacpp_q8_0 "
-              f"(llama.cpp q8_0 {q8:.1f} {u}; tinylm int8 eager step, {batch} sequences)", flush=True)
+        for name, ours_rate, eager_rate, ref_rate, ref_name in [("", c, o, f, "f32"), ("_int8", c8, o8, q8, "q8_0")]:
+            what = "weight-only int8" if name else "fp32"
+            print(f"RESULT decode_b{batch}_{preset}{name}_vs_llamacpp_{ref_name} {ours_rate:.1f} {u} "
+                  f"ratio={ours_rate / ref_rate:.2f} vs=llamacpp_{ref_name} (llama.cpp {ref_name} {ref_rate:.1f} {u}; "
+                  f"tinylm {what}, {batch} sequences, default path: compiled step where measured faster than "
+                  f"eager, {ours_rate / eager_rate:.2f}x the eager step)", flush=True)
+            print(f"RESULT decode_b{batch}_{preset}{name}_eager_vs_llamacpp_{ref_name} {eager_rate:.1f} {u} "
+                  f"ratio={eager_rate / ref_rate:.2f} vs=llamacpp_{ref_name} (llama.cpp {ref_name} {ref_rate:.1f} "
+                  f"{u}; tinylm {what} eager step, {batch} sequences)", flush=True)
 
 
 def llamacpp_baseline(presets: list[str], new: int, repeats: int) -> None:

@@ -107,26 +107,27 @@ def test_time_steps_leaves_the_cache_alone(libraries):
     ours, _ = prefilled(model, [6, 6, 6, 6])
     before = [k.clone() for k in ours.keys], ours.seq_lens.clone()
     p = fast_decode.prepare(model)
-    weights = compiled_decode.step_weights(p)
+    weights = compiled_decode.step_weights(p, 4)
     eager, compiled = compiled_decode.time_steps(p, ours, weights, compiled_decode.StaticStep(p))
     assert eager > 0 and compiled > 0
     assert all(torch.equal(a, b) for a, b in zip(before[0], ours.keys)) and torch.equal(before[1], ours.seq_lens)
 
 
-def test_int8_one_row_matches_eager_int8_step(libraries):
+@pytest.mark.parametrize("rows", [1, 4])
+def test_int8_matches_eager_int8_step(monkeypatch, libraries, rows):
+    """1-3 rows: bf16 activations; 4+ rows: activations quantised per row, int8 x int8 products."""
+    monkeypatch.setattr(compiled_decode, "time_steps", lambda *args: (1.0, 0.5))  # "compiled faster"
     model = model_for(qk_norm=True)
     fast_decode.set_quantization(model, "int8")
     p = fast_decode.prepare(model)
-    ours, ref = prefilled(model, [7])
-    decoder, rows, tokens = compiled_decode.CompiledDecoder(model), torch.arange(1), torch.tensor([11])
+    ours, ref = prefilled(model, [7] * rows)
+    decoder, index, tokens = compiled_decode.CompiledDecoder(model), torch.arange(rows), torch.arange(11, 11 + rows)
     for _ in range(5):
-        got = decoder(p, ours, tokens, rows)
-        want = fast_decode.decode_step(p, ref, tokens, rows)
-        assert (got - want).abs().max().item() < 1e-4
+        got = decoder(p, ours, tokens, index)
+        want = fast_decode.decode_step(p, ref, tokens, index)
+        assert got is not None and (got - want).abs().max().item() < 1e-4 * want.abs().max().item() + 1e-4
         tokens = want.argmax(-1)
     assert len(libraries) == 1
-    four, _ = prefilled(model, [3, 3, 3, 3])  # 4+ rows: eager int8 x int8 products, not this step
-    assert decoder(p, four, torch.arange(4), torch.arange(4)) is None
 
 
 def test_generate_identical_and_built_once_per_shape(monkeypatch, libraries):
@@ -160,7 +161,7 @@ def test_library_key_covers_what_the_code_depends_on(monkeypatch):
         p = fast_decode.prepare(model)
         from tinylm.models.kv_cache import StaticKVCache
         return compiled_decode.library_key(p, StaticKVCache(model.config, batch, length),
-                                           compiled_decode.step_weights(p))
+                                           compiled_decode.step_weights(p, batch))
 
     base = key(model_for(seed=0))
     assert key(model_for(seed=1)) == base, "weights are inputs: other weights, same library"
@@ -209,3 +210,21 @@ def test_real_aot_build_matches_forward_and_serves_other_weights(monkeypatch, tm
     ours, _ = prefilled(other, [6])
     assert compiled_decode.CompiledDecoder(other)(fast_decode.prepare(other), ours, torch.tensor([5]),
                                                   torch.arange(1)) is None
+
+
+@pytest.mark.slow
+def test_real_aot_build_int8_rows_matches_eager_int8_step(monkeypatch, tmp_path):
+    """4 rows, int8: per-row activation quantisation and torch._int_mm inside the compiled library."""
+    monkeypatch.setenv("TINYLM_DECODE_CACHE", str(tmp_path))
+    monkeypatch.setenv("TINYLM_COMPILE_DECODE", "1")
+    monkeypatch.setattr(compiled_decode, "time_steps", lambda *args: (1.0, 0.5))  # "compiled faster"
+    model = model_for(qk_norm=True)
+    fast_decode.set_quantization(model, "int8")
+    p = fast_decode.prepare(model)
+    ours, ref = prefilled(model, [6] * 4)
+    decoder, rows, tokens = compiled_decode.CompiledDecoder(model), torch.arange(4), torch.arange(20, 24)
+    for _ in range(3):
+        got = decoder(p, ours, tokens, rows)
+        want = fast_decode.decode_step(p, ref, tokens, rows)
+        assert got is not None and (got - want).abs().max().item() < 1e-4 * want.abs().max().item() + 1e-4
+        tokens = want.argmax(-1)

@@ -10,16 +10,16 @@ shared library with a C++ wrapper: no Python and no dispatcher between its kerne
 
 The weights are *inputs* of the compiled step, not constants in it, so one library serves every
 checkpoint of the same architecture, fp32 or int8, and weights that change during RL rollouts; it
-is keyed by the shapes, the thread count, the CPU's vector ISA and the torch version, and stored as
+is keyed by the shapes, the thread count, the CPU and the torch version, and stored as
 `$TINYLM_DECODE_CACHE/<key>.pt2` (default ~/.cache/tinylm/decode). Building takes ~10-60 s once per
-machine and shape; loading it ~0.02 s (torch.compile's warm start was ~12 s).
+machine and shape; loading it ~2 ms (torch.compile's warm start was ~12 s).
 
-TINYLM_COMPILE_DECODE: `auto` (default) uses a library already built, `1` (`--compile`) also builds
-a missing one, `0` never compiles. Any failure falls back to the eager fast step with one log line.
+TINYLM_COMPILE_DECODE: `auto` (default) uses a library already built, `1` also builds a missing one
+(`tinylm chat|generate` set it unless told `--no-compile`), `0` never compiles. Any failure falls back to the eager fast step with one log line.
 Covers fp32 models (fp32 or `--quantize int8` products) when all cache rows decode in step (chat,
 equal-length prompts). From 4 rows on the products are compute bound and the eager step's oneDNN
 GEMM may be faster than the compiled plain matmul (`small` at 16 rows), so there the step is timed
-against the eager one once per library and used only where faster; int8 at 4+ rows stays eager.
+against the eager one once per library and used only where faster.
 """
 
 from __future__ import annotations
@@ -81,26 +81,34 @@ def _rms(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor:
 
 
 def _mm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """x (b, K) @ W.T -> (b, N) fp32: as fast_decode.Product at 1-3 rows (int8: bf16 activations)."""
+    """x (b, K) @ W.T -> (b, N) fp32, as fast_decode.Product: fp32 w (K, N); int8 w (N, K) with bf16
+    scales: bf16 activations (1-3 rows); int8 w (K, N) with fp32 scales: activations quantised per
+    row and int8 x int8 products (4+ rows)."""
     if scale is None:
-        return x @ w  # w: (K, N), the split-K layout's memory viewed whole
-    return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), w, scale).float()
+        return x @ w  # the split-K layout's memory viewed whole
+    if scale.dtype == torch.bfloat16:
+        return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), w, scale).float()
+    sx = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0  # (b, 1)
+    q = torch.round(x / sx).clamp(-127, 127).to(torch.int8)
+    return torch._int_mm(q, w) * sx * scale
 
 
-def _product(prod) -> list[torch.Tensor]:
-    """[(K, N) fp32 view of the split-K layout (same memory)] or [(N, K) int8 weights, (N,) scales]."""
-    return [prod.w, prod.scale] if prod.scale is not None else [prod.w.reshape(-1, prod.w.shape[-1])]
+def _product(prod, rows: int) -> list[torch.Tensor]:
+    """The weights `_mm` takes for this product at `rows` rows (views or fast_decode's own copies)."""
+    if prod.scale is None:
+        return [prod.w.reshape(-1, prod.w.shape[-1])]
+    return list(prod.int8_rows_weights()) if rows >= INT8_DYNAMIC_ROWS else [prod.w, prod.scale]
 
 
-def step_weights(p: Prepared) -> list[torch.Tensor]:
+def step_weights(p: Prepared, rows: int) -> list[torch.Tensor]:
     """The step's weight inputs, in StaticStep.forward's order: per layer qkv, o, gate_up, down
     (1 tensor each, 2 when int8), ln1, ln2, [qk_norm]; then final norm, lm_head, embedding, RoPE table."""
     h, out = p.embed.shape[1], []
     for lw in p.layers:
         for prod in (lw.qkv, lw.o, lw.gate_up, lw.down):
-            out += _product(prod)
+            out += _product(prod, rows)
         out += [lw.ln1[:h], lw.ln2[:h]] + ([lw.qk_norm] if lw.qk_norm is not None else [])
-    return out + [p.norm[:h], *_product(p.lm_head), p.embed, p.rope]
+    return out + [p.norm[:h], *_product(p.lm_head, rows), p.embed, p.rope]
 
 
 class StaticStep(torch.nn.Module):
@@ -160,18 +168,28 @@ def _spec(t: torch.Tensor) -> list:
 
 
 @functools.cache
+def _cpu_id() -> str:
+    """The CPU model and torch's vector capability: generated code uses its instructions (AVX-512,
+    AMX), so a library from another CPU (a shared home directory) must not be loaded. Cheap, unlike
+    inductor's pick_vec_isa (~1 s: it compiles test programs)."""
+    name = platform.processor()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    return f"{platform.machine()} {name} {torch.backends.cpu.get_cpu_capability()}"
+
+
+@functools.cache
 def _code_hash() -> str:
     return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
 
 
 def library_key(p: Prepared, cache: StaticKVCache, weights: list[torch.Tensor]) -> str:
     """Everything the generated code depends on: shapes and dtypes, constants, the thread count
-    (inductor writes it into its OpenMP loops), the CPU's vector ISA, torch and this file."""
-    from torch._inductor.cpu_vec_isa import pick_vec_isa
-
+    (inductor writes it into its OpenMP loops), the CPU, torch and this file."""
     desc = dict(weights=[_spec(w) for w in weights], cache=_spec(cache.keys[0]), layers=len(cache.keys),
                 batch=cache.batch_size, heads=[p.n_heads, p.n_kv, p.head_dim, p.inter], eps=p.eps,
-                threads=torch.get_num_threads(), isa=str(pick_vec_isa()), machine=platform.machine(),
+                threads=torch.get_num_threads(), cpu=_cpu_id(),
                 torch=torch.__version__, code=_code_hash())
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -194,8 +212,24 @@ def build(step: StaticStep, example: tuple, path: Path) -> None:
     log.info("compiled decode step built in %.1f s", time.perf_counter() - t0)
 
 
+class Library:
+    """A compiled step read from disk, called like StaticStep.forward: AOTInductor's package loader fed
+    the flat input list. (`torch._inductor.aoti_load_package` wraps the same loader, but imports
+    inductor and probes the CPU by compiling test programs at load, ~1.8 s per process, and re-parses
+    the call spec on every call, ~50 µs per step; the library key already names the CPU.)"""
+
+    def __init__(self, path: Path) -> None:
+        self.loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+
+    def __call__(self, tokens: torch.Tensor, pos: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
+                 weights: list[torch.Tensor]) -> torch.Tensor:
+        return self.loader.boxed_run([tokens, pos, *keys, *values, *weights])[0]
+
+
 def load(path: Path):
-    """The compiled step in `path`: called like StaticStep.forward."""
+    """The compiled step in `path` (through torch's own wrapper where the loader's API differs)."""
+    if hasattr(torch._C, "_aoti") and hasattr(torch._C._aoti, "AOTIModelPackageLoader"):
+        return Library(path)
     return torch._inductor.aoti_load_package(str(path))
 
 
@@ -256,8 +290,6 @@ class CompiledDecoder:
         b = tokens.shape[0]
         if self.loaded.get("failed") or supports(p) is not None or b != cache.batch_size:
             return None
-        if p.lm_head.scale is not None and b >= INT8_DYNAMIC_ROWS:  # eager: int8 x int8 products
-            return None
         lens = cache.seq_lens.tolist()  # every row decodes at the same position?
         if rows.tolist() != list(range(b)) or min(lens) != max(lens) or lens[0] >= cache.max_seq_len:
             return None
@@ -276,7 +308,7 @@ class CompiledDecoder:
 
     def _find(self, p: Prepared, cache: StaticKVCache) -> tuple:
         """(p, cache, weights, compiled step or None): loaded, read from disk, or built (mode 1)."""
-        weights = step_weights(p)
+        weights = step_weights(p, cache.batch_size)
         try:
             key = library_key(p, cache, weights)
             fn, path = self.loaded.get(key), cache_dir() / f"{key}.pt2"

@@ -137,14 +137,19 @@ class Product:
         return y if residual is None else residual.add(y)
 
 
+    def int8_rows_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, N) int8 weights and (N,) fp32 scales for products of several rows (made once)."""
+        if self.w_t is None:
+            self.w_t = self.w.t().contiguous()
+            self.scale_f = self.scale.float()
+        return self.w_t, self.scale_f
+
     def _int8_rows(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         """Several rows with int8 weights: int8 x int8 -> int32 products (`torch._int_mm`, AVX-512-VNNI
         through oneDNN) on activations quantised per row with a symmetric scale, as llama.cpp's q8_0
         quantises activations (per block of 32 there). At 16 rows 1.7x faster than the bf16-activation
         kernel, whose cost grows with the rows; at 1 row the quantisation ops cost more than they save."""
-        if self.w_t is None:
-            self.w_t = self.w.t().contiguous()  # (K, N) int8
-            self.scale_f = self.scale.float()
+        self.int8_rows_weights()
         xf = x.float()  # bf16 x / scale can round to 128, which int8 wraps to -128
         sx = xf.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12).div_(127.0)  # (b, 1)
         q = torch.round(xf / sx).clamp_(-127, 127).to(torch.int8)
