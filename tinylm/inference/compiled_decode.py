@@ -169,14 +169,18 @@ def _spec(t: torch.Tensor) -> list:
 
 @functools.cache
 def _cpu_id() -> str:
-    """The CPU model and torch's vector capability: generated code uses its instructions (AVX-512,
-    AMX), so a library from another CPU (a shared home directory) must not be loaded. Cheap, unlike
-    inductor's pick_vec_isa (~1 s: it compiles test programs)."""
-    name = platform.processor()
+    """The CPU model, its vector instruction sets and torch's capability: generated code uses those
+    instructions (AVX-512, AMX), so a library built on another CPU (a shared home directory, a VM
+    whose model name hides the ISA) must not be loaded. Cheap, unlike inductor's pick_vec_isa (~1 s:
+    it compiles test programs)."""
+    name, flags = platform.processor(), ""
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
-    return f"{platform.machine()} {name} {torch.backends.cpu.get_cpu_capability()}"
+            info = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        name = info.get("model name", name)
+        flags = " ".join(sorted(f for f in info.get("flags", "").split() if f.startswith(("avx", "amx", "fma"))))
+    return f"{platform.machine()} {name} {torch.backends.cpu.get_cpu_capability()} {flags}"
 
 
 @functools.cache
