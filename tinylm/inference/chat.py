@@ -341,7 +341,7 @@ def _add_sampling(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--quantize", default="none", choices=["none", "int8"],
                    help="int8: decode with weight-only int8 products on CPU (~2-3x faster, logits within ~1%%)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="CPU fp32/int8: decode through the ahead-of-time compiled step (1.2-1.8x the "
+                   help="CPU fp32/int8: decode through the ahead-of-time compiled step (1.3-2x the "
                         "eager step; built on first use, ~10 s once per machine and model shape, kept in "
                         "~/.cache/tinylm/decode; eager on any failure). Default: on, unless "
                         "TINYLM_COMPILE_DECODE says otherwise")

@@ -3,9 +3,10 @@
 Why: at batch 1 a decode step is dominated by per-op overhead for `tiny` and by it plus the weight
 products for `small` (~200 eager aten calls of a few microseconds each, docs/performance.md section
 3b); llama.cpp evaluates one prebuilt graph per token. Here the step of tinylm.inference.fast_decode
-is written with static shapes only — the whole KV buffer of the cache length is attended with a mask
-by position, the new K/V are written with `index_copy_` at a position passed as a tensor — so
-`torch.export` traces it once and AOTInductor (Ansel et al. 2024, "PyTorch 2") compiles it to one
+is written without data-dependent control flow — the new K/V are written with `index_copy_` at a
+position passed as a tensor, attention reads the first pos + 1 cache positions, a size given as a
+dynamic dimension (attending the whole 1024-2048-position buffer with a mask cost 14-25% at one row
+and 2x at 16) — so `torch.export` traces it once and AOTInductor (Ansel et al. 2024, "PyTorch 2") compiles it to one
 shared library with a C++ wrapper: no Python and no dispatcher between its kernels.
 
 The weights are *inputs* of the compiled step, not constants in it, so one library serves every
@@ -121,9 +122,10 @@ class StaticStep(torch.nn.Module):
         self.int8, self.qk_norm = p.lm_head.scale is not None, p.layers[0].qk_norm is not None
 
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor, keys: list[torch.Tensor],
-                values: list[torch.Tensor], weights: list[torch.Tensor]) -> torch.Tensor:
+                values: list[torch.Tensor], weights: list[torch.Tensor], length: torch.Tensor) -> torch.Tensor:
         """tokens (b,), pos (1,) long: position of the new token in every row -> logits (b, V) fp32.
-        keys/values: per layer (b, n_kv, S, D), written at `pos`."""
+        keys/values: per layer (b, n_kv, S, D), written at `pos`. length: any tensor of shape (pos + 1,),
+        a dynamic size in the compiled library: attention reads the first pos + 1 positions only."""
         b, nq, nk, d, eps = tokens.shape[0], self.n_heads, self.n_kv, self.head_dim, self.eps
         ws = iter(weights)
 
@@ -134,8 +136,7 @@ class StaticStep(torch.nn.Module):
                    next(ws) if self.qk_norm else None) for _ in range(self.n_layers)]
         final_norm, head, embed, rope = next(ws), product(), next(ws), next(ws)
         cos, sin = rope.index_select(0, pos).unbind(1)  # (1, D) each; sin with rotate_half's sign
-        s = keys[0].shape[2]
-        mask = (torch.arange(s) <= pos).view(1, 1, 1, s)  # attend to positions 0..pos only
+        n = length.shape[0]  # positions 0..pos: no mask needed for the one new token
         x = F.embedding(tokens, embed)  # (b, H)
         for (qkv_w, o_w, gu_w, down_w, ln1, ln2, qk_norm), k_buf, v_buf in zip(layers, keys, values):
             qkv = _mm(_rms(x, ln1, eps), *qkv_w)  # (b, (nq + 2 nk) D)
@@ -146,7 +147,7 @@ class StaticStep(torch.nn.Module):
             k_buf.index_copy_(2, pos, qk[:, nq:, None])  # (b, nk, 1, D) at position pos
             v_buf.index_copy_(2, pos, qkv[:, (nq + nk) * d:].view(b, nk, 1, d))
             q = qk[:, :nq].reshape(b, nk, nq // nk, d)  # GQA: g query heads of a K/V head as g rows
-            y = F.scaled_dot_product_attention(q, k_buf, v_buf, attn_mask=mask).reshape(b, nq * d)
+            y = F.scaled_dot_product_attention(q, k_buf[:, :, :n], v_buf[:, :, :n]).reshape(b, nq * d)
             x = x + _mm(y, *o_w)
             gu = _mm(_rms(x, ln2, eps), *gu_w)
             x = x + _mm(F.silu(gu[:, : self.inter]) * gu[:, self.inter:], *down_w)
@@ -208,7 +209,10 @@ def build(step: StaticStep, example: tuple, path: Path) -> None:
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.export's own deprecations
-            exported = torch.export.export(step, example, strict=False)
+            length = torch.export.Dim("length", min=2, max=example[2][0].shape[2] - 1)  # 1 prompt token + 1
+            dynamic = (None, None, [None] * len(example[2]), [None] * len(example[3]), [None] * len(example[4]),
+                       {0: length})
+            exported = torch.export.export(step, example, dynamic_shapes=dynamic, strict=False)
             torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp))
         os.replace(tmp, path)
     finally:
@@ -226,8 +230,8 @@ class Library:
         self.loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
 
     def __call__(self, tokens: torch.Tensor, pos: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
-                 weights: list[torch.Tensor]) -> torch.Tensor:
-        return self.loader.boxed_run([tokens, pos, *keys, *values, *weights])[0]
+                 weights: list[torch.Tensor], length: torch.Tensor) -> torch.Tensor:
+        return self.loader.boxed_run([tokens, pos, *keys, *values, *weights, length])[0]
 
 
 def load(path: Path):
@@ -247,10 +251,12 @@ def time_steps(p: Prepared, cache: StaticKVCache, weights: list[torch.Tensor], f
     b = cache.batch_size
     tokens, rows = torch.zeros(b, dtype=torch.long), torch.arange(b)
 
+    start = min(cache.max_seq_len // 2, 128)  # a prompt and an answer into the sequence
+
     def best(step) -> float:
         times = []
         for _ in range(3):
-            scratch.seq_lens.fill_(cache.max_seq_len // 2)
+            scratch.seq_lens.fill_(start)
             t0 = time.perf_counter()
             for _ in range(4):
                 step()
@@ -259,7 +265,8 @@ def time_steps(p: Prepared, cache: StaticKVCache, weights: list[torch.Tensor], f
 
     with torch.no_grad():
         eager = best(lambda: decode_step(p, scratch, tokens, rows))
-        compiled = best(lambda: fn(tokens, scratch.seq_lens[:1].clone(), scratch.keys, scratch.values, weights))
+        compiled = best(lambda: fn(tokens, scratch.seq_lens[:1].clone(), scratch.keys, scratch.values, weights,
+                                   torch.empty(start + 1)))
     return eager, compiled
 
 
@@ -295,8 +302,8 @@ class CompiledDecoder:
         if self.loaded.get("failed") or supports(p) is not None or b != cache.batch_size:
             return None
         lens = cache.seq_lens.tolist()  # every row decodes at the same position?
-        if rows.tolist() != list(range(b)) or min(lens) != max(lens) or lens[0] >= cache.max_seq_len:
-            return None
+        if rows.tolist() != list(range(b)) or min(lens) != max(lens) or not 1 <= lens[0] < cache.max_seq_len - 1:
+            return None  # (the library reads 2 .. S-1 positions: the last position of a full cache runs eagerly)
         if self.current is None or self.current[0] is not p or self.current[1] is not cache:
             self.current = self._find(p, cache)
         _, _, weights, fn = self.current
@@ -304,7 +311,8 @@ class CompiledDecoder:
             return None
         try:
             with torch.no_grad():
-                logits = fn(tokens, cache.seq_lens[:1].clone(), cache.keys, cache.values, weights)
+                logits = fn(tokens, cache.seq_lens[:1].clone(), cache.keys, cache.values, weights,
+                            torch.empty(lens[0] + 1))
         except Exception as e:  # noqa: BLE001 - a broken library: eager fast step from now on
             return self._failed(e)
         cache.seq_lens += 1
@@ -323,7 +331,7 @@ class CompiledDecoder:
                 if not path.exists():
                     example = (torch.zeros(cache.batch_size, dtype=torch.long), torch.zeros(1, dtype=torch.long),
                                [torch.zeros_like(k) for k in cache.keys], [torch.zeros_like(v) for v in cache.values],
-                               weights)
+                               weights, torch.empty(min(8, cache.max_seq_len - 1)))
                     build(StaticStep(p), example, path)
                 fn = load(path)
                 if measured and measured_faster(path) is None and not measure(path, p, cache, weights, fn):
