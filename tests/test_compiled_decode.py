@@ -228,3 +228,16 @@ def test_real_aot_build_int8_rows_matches_eager_int8_step(monkeypatch, tmp_path)
         want = fast_decode.decode_step(p, ref, tokens, rows)
         assert got is not None and (got - want).abs().max().item() < 1e-4 * want.abs().max().item() + 1e-4
         tokens = want.argmax(-1)
+
+
+def test_cli_compile_flag_and_environment(monkeypatch):
+    """`tinylm chat|generate`: --compile / --no-compile win, then TINYLM_COMPILE_DECODE, else build."""
+    from tinylm.inference.chat import set_compile_mode
+
+    for flag, env, want in [(True, "0", "1"), (False, "1", "0"), (None, "auto", "auto"), (None, None, "1")]:
+        if env is None:
+            monkeypatch.delenv("TINYLM_COMPILE_DECODE", raising=False)
+        else:
+            monkeypatch.setenv("TINYLM_COMPILE_DECODE", env)
+        set_compile_mode(flag)
+        assert compiled_decode.mode() == want, (flag, env)
