@@ -6,8 +6,8 @@ products for `small` (~200 eager aten calls of a few microseconds each, docs/per
 is written without data-dependent control flow — the new K/V are written with `index_copy_` at a
 position passed as a tensor, attention reads the first pos + 1 cache positions, a size given as a
 dynamic dimension (attending the whole 1024-2048-position buffer with a mask cost 14-25% at one row
-and 2x at 16) — so `torch.export` traces it once and AOTInductor (Ansel et al. 2024, "PyTorch 2") compiles it to one
-shared library with a C++ wrapper: no Python and no dispatcher between its kernels.
+and 2x at 16) — so `torch.export` traces it once and AOTInductor (Ansel et al. 2024, "PyTorch 2")
+compiles it to one shared library with a C++ wrapper: no Python and no dispatcher between its kernels.
 
 The weights are *inputs* of the compiled step, not constants in it, so one library serves every
 checkpoint of the same architecture, fp32 or int8, and weights that change during RL rollouts; it
@@ -16,11 +16,12 @@ is keyed by the shapes, the thread count, the CPU and the torch version, and sto
 machine and shape; loading it ~2 ms (torch.compile's warm start was ~12 s).
 
 TINYLM_COMPILE_DECODE: `auto` (default) uses a library already built, `1` also builds a missing one
-(`tinylm chat|generate` set it unless told `--no-compile`), `0` never compiles. Any failure falls back to the eager fast step with one log line.
-Covers fp32 models (fp32 or `--quantize int8` products) when all cache rows decode in step (chat,
-equal-length prompts). From 4 rows on the products are compute bound and the eager step's oneDNN
-GEMM may be faster than the compiled plain matmul (`small` at 16 rows), so there the step is timed
-against the eager one once per library and used only where faster.
+(`tinylm chat|generate` set it unless told `--no-compile`), `0` never compiles. Any failure falls
+back to the eager fast step with one log line. Covers fp32 models (fp32 or `--quantize int8`
+products) when all cache rows decode in step (chat, equal-length prompts). From 4 rows on the
+products are compute bound and the eager step's oneDNN GEMM may be faster than the compiled plain
+matmul (`small` at 16 rows, one thread), so there it is timed against the eager one once per library
+and used only where faster.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def bucket(max_seq_len: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# The step with static shapes; weights passed in as one flat list.
+# The step: no data-dependent control flow; weights passed in as one flat list.
 # ---------------------------------------------------------------------------------------------
 def _rms(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor:
     """Llama's RMSNorm in plain ops (inductor fuses them into one loop)."""
@@ -113,7 +114,7 @@ def step_weights(p: Prepared, rows: int) -> list[torch.Tensor]:
 
 
 class StaticStep(torch.nn.Module):
-    """The decode step of fast_decode.decode_step with static shapes; no tensors of its own."""
+    """The decode step of fast_decode.decode_step, traceable once for every position; no tensors of its own."""
 
     def __init__(self, p: Prepared) -> None:
         super().__init__()
@@ -278,8 +279,8 @@ def measured_faster(path: Path) -> bool | None:
 
 def measure(path: Path, p: Prepared, cache: StaticKVCache, weights: list[torch.Tensor], fn) -> bool:
     """From 4 rows on the products are compute bound: the eager step's oneDNN GEMM on prepacked weights
-    (fast_decode.Product) beats the compiled step's plain matmul for `small` at 16 rows, not for
-    `tiny` (docs/performance.md). Timed once per library, the verdict kept beside it."""
+    (fast_decode.Product) can beat the compiled step's plain matmul (`small` at 16 rows with one
+    thread, docs/performance.md). Timed once per library, the verdict kept beside it."""
     eager, compiled = time_steps(p, cache, weights, fn)
     verdict = path.with_suffix(".json")
     tmp = verdict.with_name(f"{verdict.stem}.{os.getpid()}.tmp")
