@@ -325,9 +325,10 @@ def prefill_rate(ours, hf, prompt_len: int, repeats: int) -> tuple[float, float]
     return prompt_len / best_o, prompt_len / best_h
 
 
-def server_rate(model, tok, clients: int, new: int) -> float:
+def server_rate(model, tok, clients: int, new: int, max_batch: int | None = None, compiled: bool = False) -> float:
     """Aggregate streamed tokens/s with `clients` concurrent streaming requests over loopback, with
-    `tinylm serve`'s layout: HTTP in a thread, the engine loop in the main thread."""
+    `tinylm serve`'s layout: HTTP in a thread, the engine loop in the main thread. compiled: as
+    `tinylm serve --compile` (libraries for 1-3 running requests built before serving)."""
     import json
 
     import httpx
@@ -340,7 +341,12 @@ def server_rate(model, tok, clients: int, new: int) -> float:
             "temperature": 0, "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
     counts, rate = [0] * clients, []
     port = free_port()
-    engine = Engine(model, tok, max_batch=max(clients, 1), max_queue=clients, max_seq_len=new + 64)
+    with compile_mode("1" if compiled else "0"):
+        engine = Engine(model, tok, max_batch=max_batch or max(clients, 1), max_queue=clients, max_seq_len=new + 64)
+        if compiled:
+            from tinylm.inference.compiled_decode import prebuild
+
+            prebuild(engine.gen)
     server = uvicorn.Server(uvicorn.Config(create_app(engine, "bench"), host="127.0.0.1", port=port,
                                            log_level="warning"))
 
@@ -377,6 +383,8 @@ def main() -> None:
     p.add_argument("--bf16-only", action="store_true", help="only bf16")
     p.add_argument("--quick", action="store_true", help="fewer tokens / repeats")
     p.add_argument("--no-server", action="store_true")
+    p.add_argument("--server-compiled", action="store_true",
+                   help="also time the server (max batch 8) with the compiled step against eager, 1 and 3 clients")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--no-llamacpp", action="store_true", help="skip the llama.cpp baseline")
     p.add_argument("--llamacpp-only", action="store_true", help="only the llama.cpp baseline")
@@ -414,6 +422,11 @@ def main() -> None:
         o, h = prefill_rate(ours, hf, 512, repeats + 1)
         print(f"RESULT prefill{suffix}_tokens_per_s {o:.0f} tok/s ratio={o / h:.2f} vs=hf_forward (hf {h:.0f} tok/s)",
               flush=True)
+        if args.server_compiled and dname == "fp32":  # `tinylm serve` (max batch 8) with and without --compile
+            for clients in (1, 3):
+                e, c = (server_rate(ours, tok, clients, new, max_batch=8, compiled=flag) for flag in (False, True))
+                print(f"RESULT server_{clients}_clients_compiled_tokens_per_s {c:.1f} tok/s ratio={c / e:.2f} "
+                      f"vs=server_eager (max batch 8, eager {e:.1f} tok/s)", flush=True)
         if not args.no_server and dname == "fp32":
             single = None
             for clients in (1, 4, 16):

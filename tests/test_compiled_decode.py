@@ -71,11 +71,40 @@ def test_static_step_matches_forward(overrides, libraries):
     assert len(libraries) == 1
 
 
-def test_ragged_rows_use_the_eager_step(libraries):
+def _rows_against_forward(model, decoder, lens: list[int], rows: list[int], steps: int = 5) -> float:
+    """As _steps_against_forward for cache rows `rows` only (a server's running sequences)."""
+    ours, ref = prefilled(model, lens)
+    index = torch.tensor(rows)
+    tokens, worst = torch.randint(3, 6400, (len(rows),)), 0.0
+    others = [i for i in range(len(lens)) if i not in rows]
+    before = [k[others].clone() for k in ours.keys]
+    for _ in range(steps):
+        got = decoder(fast_decode.prepare(model), ours, tokens, index)
+        assert got is not None, "the compiled step did not run"
+        with torch.no_grad():
+            want = model(tokens[:, None], cache=ref, cache_rows=index, logits_to_keep=1).logits[:, -1]
+        worst = max(worst, (got - want).abs().max().item())
+        assert torch.equal(ours.seq_lens, ref.seq_lens)
+        tokens = want.argmax(-1)
+    for k_ours, k_ref, k_before in zip(ours.keys, ref.keys, before):
+        assert (k_ours - k_ref).abs().max().item() < 1e-4
+        assert torch.equal(k_ours[others], k_before), "a row that was not decoding changed"
+    return worst
+
+
+@pytest.mark.parametrize("lens, rows", [([5, 9, 7, 6], [1, 3]), ([5, 9, 7, 6], [2]), ([5, 9, 7], [0, 1, 2])])
+def test_ragged_rows_match_forward(libraries, lens, rows):
+    """Rows at different positions, or a subset of the cache (continuous batching): masked attention."""
+    model = model_for(qk_norm=True)
+    assert _rows_against_forward(model, compiled_decode.CompiledDecoder(model), lens, rows) < 1e-4
+    assert len(libraries) == 1
+
+
+def test_ragged_four_or_more_rows_use_the_eager_step(libraries):
     model = model_for()
-    ours, _ = prefilled(model, [5, 9])
-    assert compiled_decode.CompiledDecoder(model)(fast_decode.prepare(model), ours, torch.tensor([3, 4]),
-                                                  torch.arange(2)) is None
+    ours, _ = prefilled(model, [5, 9, 7, 6])
+    assert compiled_decode.CompiledDecoder(model)(fast_decode.prepare(model), ours, torch.tensor([3, 4, 5, 6]),
+                                                  torch.arange(4)) is None
     assert not libraries
 
 
@@ -161,7 +190,7 @@ def test_library_key_covers_what_the_code_depends_on(monkeypatch):
         p = fast_decode.prepare(model)
         from tinylm.models.kv_cache import StaticKVCache
         return compiled_decode.library_key(p, StaticKVCache(model.config, batch, length),
-                                           compiled_decode.step_weights(p, batch))
+                                           compiled_decode.step_weights(p, batch), batch, False)
 
     base = key(model_for(seed=0))
     assert key(model_for(seed=1)) == base, "weights are inputs: other weights, same library"
@@ -202,10 +231,16 @@ def test_real_aot_build_matches_forward_and_serves_other_weights(monkeypatch, tm
 
     def no_build(*args):
         raise AssertionError("built again")
+    built = compiled_decode.build
     monkeypatch.setattr(compiled_decode, "build", no_build)
     monkeypatch.setenv("TINYLM_COMPILE_DECODE", "auto")
     other = model_for(seed=3, qk_norm=True)  # a fresh model: the library is read from disk
     assert _steps_against_forward(other, compiled_decode.CompiledDecoder(other), [6], steps=4) < 1e-4
+    monkeypatch.setenv("TINYLM_COMPILE_DECODE", "1")
+    monkeypatch.setattr(compiled_decode, "build", built)  # the real build again, for the ragged step
+    assert _rows_against_forward(other, compiled_decode.CompiledDecoder(other), [6, 9], [1], steps=4) < 1e-4
+    monkeypatch.setattr(compiled_decode, "build", no_build)
+    monkeypatch.setenv("TINYLM_COMPILE_DECODE", "auto")
     fast_decode.set_quantization(other, "int8")  # int8 needs its own library: none in auto mode
     ours, _ = prefilled(other, [6])
     assert compiled_decode.CompiledDecoder(other)(fast_decode.prepare(other), ours, torch.tensor([5]),
@@ -241,3 +276,38 @@ def test_cli_compile_flag_and_environment(monkeypatch):
             monkeypatch.setenv("TINYLM_COMPILE_DECODE", env)
         set_compile_mode(flag)
         assert compiled_decode.mode() == want, (flag, env)
+
+
+def test_continuous_batching_ragged_rows_same_text(monkeypatch, libraries):
+    """Prompts of different lengths in a larger cache (a server's case): same greedy text as eager."""
+    model = model_for(qk_norm=True)
+    params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+    prompts = [[40, 41, 42], [50, 51, 52, 53, 54, 55, 56]]
+
+    def texts(mode: str) -> list[str]:
+        monkeypatch.setenv("TINYLM_COMPILE_DECODE", mode)
+        return [c.text for c in generate(model, load_tokenizer(), prompts, params, max_batch=4)]
+    assert texts("1") == texts("0")
+    assert len(libraries) == 1  # 2 running rows of 4, ragged
+
+
+def test_prebuild_for_a_server(monkeypatch, libraries):
+    from tinylm.inference.generate import BatchGenerator
+
+    model = model_for(qk_norm=True)
+    gen = BatchGenerator(model, load_tokenizer(), max_batch=8)
+    assert compiled_decode.prebuild(gen) == 3 and len(libraries) == 3  # 1, 2 and 3 running requests
+    compiled_steps = []
+    call = compiled_decode.CompiledDecoder.__call__
+
+    def counting(self, *args):
+        logits = call(self, *args)
+        compiled_steps.append(logits is not None)
+        return logits
+    monkeypatch.setattr(compiled_decode.CompiledDecoder, "__call__", counting)
+    monkeypatch.setenv("TINYLM_COMPILE_DECODE", "auto")
+    gen.add(gen.new_sequence([40, 41, 42], SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)))
+    while gen.has_work():
+        gen.step()
+    assert len(libraries) == 3, "the server built a library after start"
+    assert compiled_steps == [True] * 3, compiled_steps  # 4 tokens: 1 from the prefill, 3 decode steps

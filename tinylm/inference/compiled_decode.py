@@ -122,11 +122,12 @@ class StaticStep(torch.nn.Module):
         self.inter, self.eps = p.inter, p.eps
         self.int8, self.qk_norm = p.lm_head.scale is not None, p.layers[0].qk_norm is not None
 
-    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, keys: list[torch.Tensor],
-                values: list[torch.Tensor], weights: list[torch.Tensor], length: torch.Tensor) -> torch.Tensor:
-        """tokens (b,), pos (1,) long: position of the new token in every row -> logits (b, V) fp32.
-        keys/values: per layer (b, n_kv, S, D), written at `pos`. length: any tensor of shape (pos + 1,),
-        a dynamic size in the compiled library: attention reads the first pos + 1 positions only."""
+    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
+                weights: list[torch.Tensor], length: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (b,) -> logits (b, V) fp32. keys/values: per layer (B, n_kv, S, D). length: any tensor of
+        shape (max(pos) + 1,), a dynamic size in the library: attention reads that many positions.
+        In step (rows None): every cache row, all at position pos (1,). Ragged: cache rows `rows` (b,)
+        at positions pos (b,) — the server's continuous batching — with a mask per row."""
         b, nq, nk, d, eps = tokens.shape[0], self.n_heads, self.n_kv, self.head_dim, self.eps
         ws = iter(weights)
 
@@ -136,8 +137,11 @@ class StaticStep(torch.nn.Module):
         layers = [(product(), product(), product(), product(), next(ws), next(ws),
                    next(ws) if self.qk_norm else None) for _ in range(self.n_layers)]
         final_norm, head, embed, rope = next(ws), product(), next(ws), next(ws)
-        cos, sin = rope.index_select(0, pos).unbind(1)  # (1, D) each; sin with rotate_half's sign
-        n = length.shape[0]  # positions 0..pos: no mask needed for the one new token
+        cos, sin = rope.index_select(0, pos)[:, None].unbind(2)  # (1 or b, 1, D); sin with rotate_half's sign
+        n = length.shape[0]
+        if rows is not None:  # ragged: row i attends to its positions 0..pos[i] only
+            mask = (torch.arange(n)[None] <= pos[:, None]).view(b, 1, 1, n)
+            write = (rows[:, None], torch.arange(nk)[None], pos[:, None])  # (b, nk) index grid
         x = F.embedding(tokens, embed)  # (b, H)
         for (qkv_w, o_w, gu_w, down_w, ln1, ln2, qk_norm), k_buf, v_buf in zip(layers, keys, values):
             qkv = _mm(_rms(x, ln1, eps), *qkv_w)  # (b, (nq + 2 nk) D)
@@ -145,10 +149,17 @@ class StaticStep(torch.nn.Module):
             if qk_norm is not None:
                 qk = _rms(qk, None, eps) * qk_norm
             qk = qk * cos + qk.roll(d // 2, dims=-1) * sin
-            k_buf.index_copy_(2, pos, qk[:, nq:, None])  # (b, nk, 1, D) at position pos
-            v_buf.index_copy_(2, pos, qkv[:, (nq + nk) * d:].view(b, nk, 1, d))
             q = qk[:, :nq].reshape(b, nk, nq // nk, d)  # GQA: g query heads of a K/V head as g rows
-            y = F.scaled_dot_product_attention(q, k_buf[:, :, :n], v_buf[:, :, :n]).reshape(b, nq * d)
+            if rows is None:
+                k_buf.index_copy_(2, pos, qk[:, nq:, None])  # (b, nk, 1, D) at position pos
+                v_buf.index_copy_(2, pos, qkv[:, (nq + nk) * d:].view(b, nk, 1, d))
+                y = F.scaled_dot_product_attention(q, k_buf[:, :, :n], v_buf[:, :, :n])  # no mask: 0..pos
+            else:
+                k_buf.index_put_(write, qk[:, nq:])
+                v_buf.index_put_(write, qkv[:, (nq + nk) * d:].view(b, nk, d))
+                y = F.scaled_dot_product_attention(q, k_buf[:, :, :n].index_select(0, rows),
+                                                   v_buf[:, :, :n].index_select(0, rows), attn_mask=mask)
+            y = y.reshape(b, nq * d)
             x = x + _mm(y, *o_w)
             gu = _mm(_rms(x, ln2, eps), *gu_w)
             x = x + _mm(F.silu(gu[:, : self.inter]) * gu[:, self.inter:], *down_w)
@@ -190,14 +201,22 @@ def _code_hash() -> str:
     return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
 
 
-def library_key(p: Prepared, cache: StaticKVCache, weights: list[torch.Tensor]) -> str:
+def library_key(p: Prepared, cache: StaticKVCache, weights: list[torch.Tensor], rows: int, ragged: bool) -> str:
     """Everything the generated code depends on: shapes and dtypes, constants, the thread count
     (inductor writes it into its OpenMP loops), the CPU, torch and this file."""
     desc = dict(weights=[_spec(w) for w in weights], cache=_spec(cache.keys[0]), layers=len(cache.keys),
-                batch=cache.batch_size, heads=[p.n_heads, p.n_kv, p.head_dim, p.inter], eps=p.eps,
+                batch=cache.batch_size, rows=rows, ragged=ragged, heads=[p.n_heads, p.n_kv, p.head_dim, p.inter], eps=p.eps,
                 threads=torch.get_num_threads(), cpu=_cpu_id(),
                 torch=torch.__version__, code=_code_hash())
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def example_inputs(cache: StaticKVCache, weights: list[torch.Tensor], b: int, ragged: bool) -> tuple:
+    """Inputs to trace the step with (StaticStep.forward's order; the length is made dynamic)."""
+    zeros = [torch.zeros_like(k) for k in cache.keys], [torch.zeros_like(v) for v in cache.values]
+    length = torch.empty(min(8, cache.max_seq_len - 1))
+    pos = torch.zeros(b if ragged else 1, dtype=torch.long)
+    return (torch.zeros(b, dtype=torch.long), pos, *zeros, weights, length) + ((torch.arange(b),) if ragged else ())
 
 
 def build(step: StaticStep, example: tuple, path: Path) -> None:
@@ -212,7 +231,7 @@ def build(step: StaticStep, example: tuple, path: Path) -> None:
             warnings.simplefilter("ignore", FutureWarning)  # torch.export's own deprecations
             length = torch.export.Dim("length", min=2, max=example[2][0].shape[2] - 1)  # 1 prompt token + 1
             dynamic = (None, None, [None] * len(example[2]), [None] * len(example[3]), [None] * len(example[4]),
-                       {0: length})
+                       {0: length}) + (None,) * (len(example) - 6)
             exported = torch.export.export(step, example, dynamic_shapes=dynamic, strict=False)
             torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp))
         os.replace(tmp, path)
@@ -231,8 +250,8 @@ class Library:
         self.loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
 
     def __call__(self, tokens: torch.Tensor, pos: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
-                 weights: list[torch.Tensor], length: torch.Tensor) -> torch.Tensor:
-        return self.loader.boxed_run([tokens, pos, *keys, *values, *weights, length])[0]
+                 weights: list[torch.Tensor], length: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        return self.loader.boxed_run([tokens, pos, *keys, *values, *weights, length, *([] if rows is None else [rows])])[0]
 
 
 def load(path: Path):
@@ -296,59 +315,85 @@ class CompiledDecoder:
 
     def __init__(self, model) -> None:
         self.loaded: dict = model.__dict__.setdefault("_tinylm_compiled_decode", {})
-        self.current: tuple | None = None  # (prepared, cache, weights, fn) of the last step
+        self.found: dict = {}  # (ragged, rows) -> (weights, compiled step or None) for `self.owner`
+        self.owner: tuple | None = None  # (prepared weights, cache) that `found` is for
 
     def __call__(self, p: Prepared, cache: StaticKVCache, tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
         b = tokens.shape[0]
-        if self.loaded.get("failed") or supports(p) is not None or b != cache.batch_size:
+        if self.loaded.get("failed") or supports(p) is not None:
             return None
-        lens = cache.seq_lens.tolist()  # every row decodes at the same position?
-        if rows.tolist() != list(range(b)) or min(lens) != max(lens) or not 1 <= lens[0] < cache.max_seq_len - 1:
+        in_step = b == cache.batch_size and rows.tolist() == list(range(b))
+        lens = (cache.seq_lens if in_step else cache.seq_lens[rows]).tolist()
+        in_step = in_step and min(lens) == max(lens)
+        if not in_step and b >= MEASURED_ROWS:  # ragged: 1-3 rows (a server's few clients)
+            return None
+        if not 1 <= min(lens) or max(lens) >= cache.max_seq_len - 1:
             return None  # (the library reads 2 .. S-1 positions: the last position of a full cache runs eagerly)
-        if self.current is None or self.current[0] is not p or self.current[1] is not cache:
-            self.current = self._find(p, cache)
-        _, _, weights, fn = self.current
+        if self.owner is None or self.owner[0] is not p or self.owner[1] is not cache:
+            self.owner, self.found = (p, cache), {}
+        if (not in_step, b) not in self.found:
+            self.found[(not in_step, b)] = self._find(p, cache, b, ragged=not in_step)
+        weights, fn = self.found[(not in_step, b)]
         if fn is None:
             return None
         try:
             with torch.no_grad():
-                logits = fn(tokens, cache.seq_lens[:1].clone(), cache.keys, cache.values, weights,
-                            torch.empty(lens[0] + 1))
+                if in_step:
+                    logits = fn(tokens, cache.seq_lens[:1].clone(), cache.keys, cache.values, weights,
+                                torch.empty(lens[0] + 1))
+                else:
+                    logits = fn(tokens, cache.seq_lens[rows], cache.keys, cache.values, weights,
+                                torch.empty(max(lens) + 1), rows)
         except Exception as e:  # noqa: BLE001 - a broken library: eager fast step from now on
             return self._failed(e)
-        cache.seq_lens += 1
+        cache.seq_lens[rows] += 1
         return logits
 
-    def _find(self, p: Prepared, cache: StaticKVCache) -> tuple:
-        """(p, cache, weights, compiled step or None): loaded, read from disk, or built (mode 1)."""
-        weights = step_weights(p, cache.batch_size)
+    def _find(self, p: Prepared, cache: StaticKVCache, b: int, ragged: bool) -> tuple:
+        """(weights, compiled step or None) for b rows: loaded, read from disk, or built (mode 1)."""
+        weights = step_weights(p, b)
         try:
-            key = library_key(p, cache, weights)
+            key = library_key(p, cache, weights, b, ragged)
             fn, path = self.loaded.get(key), cache_dir() / f"{key}.pt2"
-            measured = cache.batch_size >= MEASURED_ROWS
+            measured = b >= MEASURED_ROWS
             if fn is None and not (measured and measured_faster(path) is False):  # known slower: not loaded
                 if not path.exists() and mode() != "1":
-                    return p, cache, weights, None
+                    return weights, None
                 if not path.exists():
-                    example = (torch.zeros(cache.batch_size, dtype=torch.long), torch.zeros(1, dtype=torch.long),
-                               [torch.zeros_like(k) for k in cache.keys], [torch.zeros_like(v) for v in cache.values],
-                               weights, torch.empty(min(8, cache.max_seq_len - 1)))
-                    build(StaticStep(p), example, path)
+                    build(StaticStep(p), example_inputs(cache, weights, b, ragged), path)
                 fn = load(path)
                 if measured and measured_faster(path) is None and not measure(path, p, cache, weights, fn):
-                    return p, cache, weights, None
+                    return weights, None
                 while len(self.loaded) >= MAX_LOADED:  # oldest first (other shapes, other quantization)
                     self.loaded.pop(next(iter(self.loaded)))
                 self.loaded[key] = fn
         except Exception as e:  # noqa: BLE001 - no compiler, a broken package: eager from now on
             self._failed(e)
             fn = None
-        return p, cache, weights, fn
+        return weights, fn
 
     def _failed(self, e: Exception) -> None:
         log.warning("compiled decode step failed (%s: %s); using the eager fast step", type(e).__name__, e)
         self.loaded["failed"] = True
-        self.current = None
+        self.found = {}
+
+
+def prebuild(gen) -> int:
+    """Build (or load) the ragged libraries a BatchGenerator uses for 1-3 running sequences of its cache,
+    so that a server's first requests do not wait on a build; returns how many are ready (0: the
+    model or generator does not decode through the compiled step)."""
+    runner = getattr(gen, "runner", None)
+    fast = getattr(runner, "fast", None)
+    if not isinstance(fast, CompiledFastDecoder):
+        return 0
+    fast.refresh()
+    p, cache, decoder = fast.prepared, runner.cache, fast.compiled
+    if supports(p) is not None:
+        return 0
+    decoder.owner, decoder.found = (p, cache), {}
+    for b in range(1, min(MEASURED_ROWS, cache.batch_size + 1)):
+        decoder.found[(True, b)] = decoder._find(p, cache, b, ragged=True)
+    return sum(fn is not None for _, fn in decoder.found.values())
 
 
 class CompiledFastDecoder(FastDecoder):

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import time
 from pathlib import Path
 
@@ -175,8 +176,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         from tinylm.inference.chat import load_draft
 
         draft = load_draft(args.draft, model, tokenizer, args.dtype, args.device)
+    if args.compile is not None:  # the compiled decode step (tinylm/inference/compiled_decode.py)
+        os.environ["TINYLM_COMPILE_DECODE"] = "1" if args.compile else "0"
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
                     max_seq_len=args.max_seq_len, draft=draft, draft_k=args.draft_k)
+    if args.compile:
+        from tinylm.inference.compiled_decode import prebuild
+
+        ready = prebuild(engine.gen)
+        print(f"compiled decode step: {ready} librar{'y' if ready == 1 else 'ies'} ready (1-3 running requests)"
+              if ready else "compiled decode step: not used for this model (eager decode step)")
     app = create_app(engine, name, api_key=args.api_key, max_tokens_cap=args.max_tokens_cap,
                      default_max_tokens=args.default_max_tokens,
                      **({"max_body_bytes": server_vision.MAX_BODY_BYTES} if vlm else {}))
@@ -211,4 +220,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--draft", default=None,
                    help="speculative decoding: a draft model directory (same tokenizer), or 'mtp' (the model's own MTP module)")
     p.add_argument("--draft-k", type=int, default=4, help="tokens the draft proposes per row and step")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="CPU fp32/int8: build (once per machine, ~10 s each) and use the compiled decode step "
+                        "for 1-3 running requests before serving; default: use such libraries when already "
+                        "built (TINYLM_COMPILE_DECODE=auto)")
     p.set_defaults(func=_cmd_serve)
