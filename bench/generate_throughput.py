@@ -43,14 +43,19 @@ CLOCK = [time.perf_counter]
 
 
 @contextlib.contextmanager
-def compile_mode(mode: str):
-    """TINYLM_COMPILE_DECODE for a block: '1' builds and uses the compiled step, '0' the eager step."""
-    old = os.environ.get("TINYLM_COMPILE_DECODE")
-    os.environ["TINYLM_COMPILE_DECODE"] = mode
+def env_var(name: str, value: str):
+    """An environment variable set for a block, restored after it."""
+    old = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
-        os.environ.pop("TINYLM_COMPILE_DECODE") if old is None else os.environ.update(TINYLM_COMPILE_DECODE=old)
+        os.environ.pop(name) if old is None else os.environ.update({name: old})
+
+
+def compile_mode(mode: str):
+    """TINYLM_COMPILE_DECODE for a block: '1' builds and uses the compiled step, '0' the eager step."""
+    return env_var("TINYLM_COMPILE_DECODE", mode)
 
 
 def build_models(preset: str, dtype: torch.dtype):
@@ -271,12 +276,8 @@ def llamacpp_baseline(presets: list[str], new: int, repeats: int) -> None:
             return time_ours(ours, tok, b, 32, n)
 
         def ours_reference(b: int, n: int, ours=ours, tok=tok) -> float:  # the model's forward, as before
-            old = os.environ.get("TINYLM_FAST_DECODE")
-            os.environ["TINYLM_FAST_DECODE"] = "0"
-            try:
+            with env_var("TINYLM_FAST_DECODE", "0"):
                 return time_ours(ours, tok, b, 32, n)
-            finally:
-                os.environ.pop("TINYLM_FAST_DECODE") if old is None else os.environ.update(TINYLM_FAST_DECODE=old)
 
         def ours_compiled(b: int, n: int, q: str, ours_q=ours_q) -> float:  # TINYLM_COMPILE_DECODE=1
             with compile_mode("1"):  # (built in decode_rates' warm-up call, or read from disk)
@@ -290,7 +291,6 @@ def llamacpp_baseline(presets: list[str], new: int, repeats: int) -> None:
         o, o8, f, q, r, c, c8, *q_amx = decode_rates(fns, 1, new, repeats)
         fast_decode.set_quantization(ours, None)
         u = "tok/s" if CLOCK[0] is time.perf_counter else "tok/cpu-s"
-        path = "fast decode step" if fast_decode.enabled() else "reference forward (TINYLM_FAST_DECODE=0)"
         eager = "eager fast step" if fast_decode.enabled() else "reference forward (TINYLM_FAST_DECODE=0)"
         # Unsuffixed lines: the path `tinylm chat|generate` take by default (the compiled step).
         for name, ours_rate, ref_rate, ref_name in [("", c, f, "f32"), ("_int8", c8, q, "q8_0"),

@@ -319,10 +319,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def set_compile_mode(flag: bool | None) -> None:
     """--compile / --no-compile, else TINYLM_COMPILE_DECODE, else build the compiled decode step on
     first use (tinylm/inference/compiled_decode.py: once per machine and model shape, ~10 s)."""
-    if flag is not None:
-        os.environ["TINYLM_COMPILE_DECODE"] = "1" if flag else "0"
-    else:
-        os.environ.setdefault("TINYLM_COMPILE_DECODE", "1")
+    from tinylm.inference.compiled_decode import set_mode
+
+    set_mode(flag, default="1")
 
 
 def _add_sampling(p: argparse.ArgumentParser, temperature: float) -> None:

@@ -63,6 +63,14 @@ def enabled() -> bool:
     return mode() != "0"
 
 
+def set_mode(flag: bool | None, default: str | None = None) -> None:
+    """A command's --compile / --no-compile; without one, TINYLM_COMPILE_DECODE, else `default`."""
+    if flag is not None:
+        os.environ["TINYLM_COMPILE_DECODE"] = "1" if flag else "0"
+    elif default is not None:
+        os.environ.setdefault("TINYLM_COMPILE_DECODE", default)
+
+
 def cache_dir() -> Path:
     root = os.environ.get("TINYLM_CACHE") or Path.home() / ".cache" / "tinylm"
     return Path(os.environ.get("TINYLM_DECODE_CACHE") or Path(root) / "decode")
@@ -329,11 +337,7 @@ class CompiledDecoder:
             return None
         if not 1 <= min(lens) or max(lens) >= cache.max_seq_len - 1:
             return None  # (the library reads 2 .. S-1 positions: the last position of a full cache runs eagerly)
-        if self.owner is None or self.owner[0] is not p or self.owner[1] is not cache:
-            self.owner, self.found = (p, cache), {}
-        if (not in_step, b) not in self.found:
-            self.found[(not in_step, b)] = self._find(p, cache, b, ragged=not in_step)
-        weights, fn = self.found[(not in_step, b)]
+        weights, fn = self.entry(p, cache, b, ragged=not in_step)
         if fn is None:
             return None
         try:
@@ -348,6 +352,14 @@ class CompiledDecoder:
             return self._failed(e)
         cache.seq_lens[rows] += 1
         return logits
+
+    def entry(self, p: Prepared, cache: StaticKVCache, b: int, ragged: bool) -> tuple:
+        """(weights, compiled step or None) for b rows of `cache`, looked up once per (weights, cache)."""
+        if self.owner is None or self.owner[0] is not p or self.owner[1] is not cache:
+            self.owner, self.found = (p, cache), {}
+        if (ragged, b) not in self.found:
+            self.found[(ragged, b)] = self._find(p, cache, b, ragged)
+        return self.found[(ragged, b)]
 
     def _find(self, p: Prepared, cache: StaticKVCache, b: int, ragged: bool) -> tuple:
         """(weights, compiled step or None) for b rows: loaded, read from disk, or built (mode 1)."""
@@ -390,10 +402,8 @@ def prebuild(gen) -> int:
     p, cache, decoder = fast.prepared, runner.cache, fast.compiled
     if supports(p) is not None:
         return 0
-    decoder.owner, decoder.found = (p, cache), {}
-    for b in range(1, min(MEASURED_ROWS, cache.batch_size + 1)):
-        decoder.found[(True, b)] = decoder._find(p, cache, b, ragged=True)
-    return sum(fn is not None for _, fn in decoder.found.values())
+    entries = [decoder.entry(p, cache, b, ragged=True) for b in range(1, min(MEASURED_ROWS, cache.batch_size + 1))]
+    return sum(fn is not None for _, fn in entries)
 
 
 class CompiledFastDecoder(FastDecoder):

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import time
 from pathlib import Path
 
@@ -176,13 +175,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         from tinylm.inference.chat import load_draft
 
         draft = load_draft(args.draft, model, tokenizer, args.dtype, args.device)
-    if args.compile is not None:  # the compiled decode step (tinylm/inference/compiled_decode.py)
-        os.environ["TINYLM_COMPILE_DECODE"] = "1" if args.compile else "0"
+    from tinylm.inference.compiled_decode import prebuild, set_mode
+
+    set_mode(args.compile)  # the compiled decode step (tinylm/inference/compiled_decode.py)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
                     max_seq_len=args.max_seq_len, draft=draft, draft_k=args.draft_k)
     if args.compile:
-        from tinylm.inference.compiled_decode import prebuild
-
         ready = prebuild(engine.gen)
         print(f"compiled decode step: {ready} librar{'y' if ready == 1 else 'ies'} ready (1-3 running requests)"
               if ready else "compiled decode step: not used for this model (eager decode step)")
